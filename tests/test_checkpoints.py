@@ -1,0 +1,77 @@
+"""Checkpoint folders: detection, loading choices, and a clear error for every way one can be wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from kernel_model import ModelError, load_model
+from kernel_model.checkpoint import make_test_checkpoint
+
+
+def test_python_variant_completes_but_refuses_to_infill(tmp_path, llama_tokenizer_file):
+    make_test_checkpoint(tmp_path, "hf", llama_tokenizer_file, kv_heads=2)
+    model = load_model(tmp_path)
+    assert not model.supports_infilling and model.max_context == 16_384
+    assert isinstance(model.complete("def f():\n", max_new_tokens=4), str)
+    with pytest.raises(ModelError, match="fill-in-the-middle"):
+        model.infill("a = ", "\n")
+
+
+def test_info_describes_the_model(fim_model):
+    info = fim_model.info()
+    assert info["layers"] == 2 and info["heads"] == 4 and info["vocab"] == 32016
+    assert info["supports_infilling"] and info["rope_theta"] == 1e6
+    assert info["device"] == "cpu" and info["dtype"] == "float32"
+
+
+def test_dtype_choice_is_honoured(fim_checkpoint):
+    assert str(load_model(fim_checkpoint, dtype="bfloat16").dtype) == "torch.bfloat16"
+    with pytest.raises(ModelError, match="unknown dtype"):
+        load_model(fim_checkpoint, dtype="int3")
+
+
+def test_missing_and_foreign_folders(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ModelError):
+        load_model(tmp_path)
+
+
+def test_missing_tokenizer(tmp_path, fim_checkpoint):
+    shutil.copytree(fim_checkpoint, tmp_path / "ck")
+    (tmp_path / "ck" / "tokenizer.model").unlink()
+    with pytest.raises(ModelError, match="tokenizer file not found"):
+        load_model(tmp_path / "ck")
+
+
+def test_shapes_that_do_not_match_the_config(tmp_path, fim_checkpoint):
+    shutil.copytree(fim_checkpoint, tmp_path / "ck")
+    params = json.loads((tmp_path / "ck" / "params.json").read_text())
+    params["dim"] = 128
+    (tmp_path / "ck" / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ModelError, match=r"has shape .* implies"):
+        load_model(tmp_path / "ck")
+
+
+def test_tokenizer_larger_than_the_vocabulary(tmp_path, fim_checkpoint, llama_tokenizer_file):
+    make_test_checkpoint(tmp_path, "meta", llama_tokenizer_file)
+    shutil.copyfile(fim_checkpoint / "tokenizer.model", tmp_path / "tokenizer.model")
+    with pytest.raises(ModelError, match="do not belong together"):
+        load_model(tmp_path)
+
+
+def test_corrupt_weights(tmp_path, fim_checkpoint):
+    shutil.copytree(fim_checkpoint, tmp_path / "ck")
+    (tmp_path / "ck" / "consolidated.00.pth").write_bytes(b"\0" * 100)
+    with pytest.raises(ModelError, match=r"cannot read consolidated\.00\.pth"):
+        load_model(tmp_path / "ck")
+
+
+def test_bad_context_size(fim_checkpoint):
+    with pytest.raises(ModelError, match="max_context"):
+        load_model(fim_checkpoint, max_context=200_000)

@@ -1,0 +1,38 @@
+"""The kernel_model command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kernel_model", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_make_info_complete_infill(tmp_path, codellama_tokenizer_file):
+    out = tmp_path / "ck"
+    shape = ["--dim", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2"]
+    made = run("make-test-checkpoint", str(out), "--layout", "hf", "--shards", "2", *shape,
+               "--tokenizer", str(codellama_tokenizer_file))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    info = run("info", "--model", str(out))
+    assert info.returncode == 0, info.stderr
+    described = json.loads(info.stdout)
+    assert described["kv_heads"] == 2 and described["supports_infilling"] is True
+    assert set(described) >= {"parameters", "layers", "heads", "vocab", "rope_theta", "device", "dtype"}
+    completed = run("complete", "--model", str(out), "--prompt", "def f(x):", "--max-new-tokens", "4")
+    assert completed.returncode == 0, completed.stderr
+    infilled = run("infill", "--model", str(out), "--prefix", "def f(x):\n    ", "--suffix", "\n",
+                   "--suffix-first", "--max-new-tokens", "4", "--temperature", "0.5")  # fmt: skip
+    assert infilled.returncode == 0, infilled.stderr
+
+
+def test_errors_are_one_line(tmp_path):
+    result = run("info", "--model", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: checkpoint folder not found")
+    assert "Traceback" not in result.stderr
