@@ -45,7 +45,7 @@ class SamplingParams:
 @dataclass
 class GenerationResult:
     text: str = ""
-    finish_reason: str = ""  # "end" | "stop" | "length" | "deadline" | "cancelled"
+    finish_reason: str = ""  # "end" | "stop" | "length" | "deadline" | "cancelled" | "closed"
     prompt_tokens: int = 0
     reused_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     completion_tokens: int = 0
@@ -195,15 +195,29 @@ class Generation:
                 "including the completion"
             )
         self.max_new_tokens = min(params.max_new_tokens, context - len(prompt.ids))
+        self._steps: Iterator[str] | None = None
 
     def __iter__(self) -> Iterator[str]:
-        with self.lock, torch.inference_mode():
-            yield from self._run()
+        return self
+
+    def __next__(self) -> str:
+        if self._steps is None:
+            self._steps = self._locked_run()
+        return next(self._steps)
+
+    def close(self) -> None:
+        """Stop early (the caller's own stop rule); the model is free again when this returns."""
+        if self._steps is not None:
+            self._steps.close()
 
     def text(self) -> str:
         for _ in self:
             pass
         return self.result.text
+
+    def _locked_run(self) -> Iterator[str]:
+        with self.lock, torch.inference_mode():
+            yield from self._run()
 
     def _run(self) -> Iterator[str]:
         params, result, tokenizer = self.params, self.result, self.tokenizer
@@ -262,6 +276,11 @@ class Generation:
                 tokens.append(token)
                 logits = self._forward([token], len(tokens) - 1, kv)
                 self.cache.record(key, tokens)
+        except GeneratorExit:
+            # The caller stopped reading (its own stop rule): what the cache holds is still valid.
+            result.finish_reason = result.finish_reason or "closed"
+            result.text = assembler.text
+            raise
         except BaseException:
             self.cache.discard(key)  # a failed step may leave the cache half-written
             raise
