@@ -1,0 +1,215 @@
+// The inline completion provider JupyterLab's ghost text asks for Code Llama suggestions: debounced, streamed, cancelled when typed past.
+
+import type { CodeEditor } from '@jupyterlab/codeeditor';
+import {
+  CompletionHandler,
+  IInlineCompletionContext,
+  IInlineCompletionItem,
+  IInlineCompletionList,
+  IInlineCompletionProvider,
+  InlineCompletionTriggerKind
+} from '@jupyterlab/completer';
+import { Text } from '@jupyterlab/coreutils';
+import type { ISettingRegistry } from '@jupyterlab/settingregistry';
+import type { ICodeLlamaClient } from '../tokens';
+import {
+  ICompletionSettings,
+  isEnabledFor,
+  MIN_TEMPERATURE_FOR_CANDIDATES
+} from './settings';
+import { LiveSuggestion } from './suggestion';
+import { completionTarget } from './target';
+
+export const PROVIDER_ID = 'jupyter-codellama';
+
+/**
+ * Rejecting a fetch, unlike answering with no items, leaves the ghost text on
+ * screen; that is what a superseded or redundant request should do.
+ */
+class KeepCurrentSuggestion extends Error {}
+
+/** What is known about one editor (a cell, a file, a console prompt). */
+interface IEditorState {
+  latestFetch: number;
+  suggestion: LiveSuggestion | null;
+}
+
+export interface IShownSuggestion {
+  suggestion: LiveSuggestion;
+  editor: CodeEditor.IEditor;
+}
+
+export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
+  readonly identifier = PROVIDER_ID;
+  readonly name = 'Code Llama';
+
+  constructor(options: CodeLlamaInlineProvider.IOptions) {
+    this._client = options.client;
+    this._settings = options.settings;
+    this._isShown = options.isShown;
+  }
+
+  /**
+   * Defaults for JupyterLab's own per-provider settings: this provider
+   * debounces itself (setting `debounceMs`) so it sees every keystroke, fills in
+   * the middle of a line because Code Llama can, and allows for a slow first token.
+   */
+  get schema(): ISettingRegistry.IProperty {
+    return {
+      default: { debouncerDelay: 0, timeout: 60000, autoFillInMiddle: true }
+    };
+  }
+
+  async fetch(
+    request: CompletionHandler.IRequest,
+    context: IInlineCompletionContext
+  ): Promise<IInlineCompletionList> {
+    const settings = this._settings();
+    const invoked = context.triggerKind === InlineCompletionTriggerKind.Invoke;
+    const target = completionTarget(context.widget);
+    if (
+      !target ||
+      !isEnabledFor(settings, target) ||
+      (!invoked && settings.trigger === 'manual')
+    ) {
+      return { items: [] };
+    }
+    const sharedModel = target.editor.model.sharedModel;
+    const state = this._stateOf(sharedModel);
+    const fetchNumber = ++state.latestFetch;
+    if (
+      !invoked &&
+      state.suggestion?.isFollowed() &&
+      this._isShown(context.widget.id)
+    ) {
+      throw new KeepCurrentSuggestion('The user is typing along the suggestion');
+    }
+    if (!invoked && settings.debounceMs > 0) {
+      await new Promise(resolve => setTimeout(resolve, settings.debounceMs));
+    }
+    if (
+      fetchNumber !== state.latestFetch ||
+      sharedModel.getSource() !== request.text
+    ) {
+      throw new KeepCurrentSuggestion('A newer request replaces this one');
+    }
+    // The user moved on from the previous suggestion: stop generating it.
+    state.suggestion?.cancel();
+
+    const suggestion = this._request(request, target, settings, invoked);
+    state.suggestion = suggestion;
+    this._shown.set(context.widget.id, { suggestion, editor: target.editor });
+    await suggestion.ready();
+
+    if (suggestion.error) {
+      // Typing-time failures stay quiet (the status bar shows the state); an explicit request deserves an answer.
+      return invoked
+        ? { items: [{ insertText: '', error: { message: suggestion.error } }] }
+        : { items: [] };
+    }
+    return { items: this._items(suggestion) };
+  }
+
+  async *stream(token: string): AsyncGenerator<{ response: IInlineCompletionItem }> {
+    const [id, index] = token.split('/');
+    const suggestion = this._byId.get(id);
+    if (!suggestion) {
+      return;
+    }
+    const candidate = Number(index);
+    for await (const text of suggestion.updates(candidate)) {
+      yield { response: { insertText: text } };
+    }
+    if (suggestion.error) {
+      const insertText = suggestion.remaining(candidate) ?? '';
+      yield { response: { insertText, error: { message: suggestion.error } } };
+    }
+  }
+
+  /** The suggestion last requested in the widget with this id, while it may still be on screen. */
+  shownIn(widgetId: string): IShownSuggestion | null {
+    return this._shown.get(widgetId) ?? null;
+  }
+
+  private _request(
+    request: CompletionHandler.IRequest,
+    target: NonNullable<ReturnType<typeof completionTarget>>,
+    settings: ICompletionSettings,
+    invoked: boolean
+  ): LiveSuggestion {
+    const text = request.text;
+    const jsOffset = Text.charIndexToJsIndex(request.offset, text);
+    const candidates = invoked ? settings.candidatesOnInvoke : 1;
+    const payload = {
+      ...target.build(text, jsOffset, request.offset, settings.includeOutputs),
+      max_new_tokens: settings.maxNewTokens,
+      temperature:
+        candidates > 1
+          ? Math.max(settings.temperature, MIN_TEMPERATURE_FOR_CANDIDATES)
+          : settings.temperature,
+      n: candidates,
+      mode: settings.multiline
+    };
+    const sharedModel = target.editor.model.sharedModel;
+    const suggestion = new LiveSuggestion({
+      client: this._client,
+      request: payload,
+      snapshot: { before: text.slice(0, jsOffset), after: text.slice(jsOffset) },
+      readText: () => sharedModel.getSource(),
+      candidates
+    });
+    const previous = this._stateOf(sharedModel).suggestion;
+    if (previous) {
+      this._byId.delete(previous.id);
+    }
+    this._byId.set(suggestion.id, suggestion);
+    return suggestion;
+  }
+
+  private _items(suggestion: LiveSuggestion): IInlineCompletionItem[] {
+    const items: IInlineCompletionItem[] = [];
+    const seen = new Set<string>();
+    for (let i = 0; i < suggestion.candidates; i++) {
+      const insertText = suggestion.remaining(i) ?? '';
+      if (suggestion.finished) {
+        // Finished candidates that are empty or repeated are noise when cycling.
+        if (!insertText.trim() || seen.has(insertText)) {
+          continue;
+        }
+        seen.add(insertText);
+        items.push({ insertText });
+      } else {
+        items.push({ insertText, isIncomplete: true, token: `${suggestion.id}/${i}` });
+      }
+    }
+    return items;
+  }
+
+  private _stateOf(sharedModel: CodeEditor.IModel['sharedModel']): IEditorState {
+    let state = this._editors.get(sharedModel);
+    if (!state) {
+      const created: IEditorState = { latestFetch: 0, suggestion: null };
+      sharedModel.changed.connect(() => created.suggestion?.noteEditorChange());
+      this._editors.set(sharedModel, created);
+      state = created;
+    }
+    return state;
+  }
+
+  private readonly _client: ICodeLlamaClient;
+  private readonly _settings: () => ICompletionSettings;
+  private readonly _isShown: (widgetId: string) => boolean;
+  private readonly _editors = new WeakMap<object, IEditorState>();
+  private readonly _byId = new Map<string, LiveSuggestion>();
+  private readonly _shown = new Map<string, IShownSuggestion>();
+}
+
+export namespace CodeLlamaInlineProvider {
+  export interface IOptions {
+    client: ICodeLlamaClient;
+    /** Current settings, read at every request so changes apply without a reload. */
+    settings: () => ICompletionSettings;
+    /** Whether JupyterLab shows ghost text in the widget with this id now. */
+    isShown: (widgetId: string) => boolean;
+  }
+}
