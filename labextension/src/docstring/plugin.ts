@@ -1,0 +1,141 @@
+// Plugin for "Generate docstring": the command behind the cell toolbar button, palette and context menu, with busy state and one-step undo.
+
+import type { JupyterFrontEndPlugin } from '@jupyterlab/application';
+import { ICommandPalette, Notification } from '@jupyterlab/apputils';
+import type { Cell } from '@jupyterlab/cells';
+import { INotebookTracker } from '@jupyterlab/notebook';
+import { ISettingRegistry } from '@jupyterlab/settingregistry';
+import { docstringIcon } from '../icons';
+import { CommandIds, ICodeLlamaClient, PLUGIN_PREFIX } from '../tokens';
+import {
+  DEFAULT_DOCSTRING_SETTINGS,
+  IDocstringSettings,
+  IEditableSource,
+  insertAsOneEdit,
+  planDocstrings,
+  readDocstringSettings
+} from './generate';
+
+const BUSY_CLASS = 'jp-codellama-busy';
+
+/** Used when the server has not said how long its context is. */
+const FALLBACK_CONTEXT_TOKENS = 4096;
+
+export const docstringPlugin: JupyterFrontEndPlugin<void> = {
+  id: `${PLUGIN_PREFIX}:docstring`,
+  description: 'Writes docstrings for Python functions and classes with Code Llama.',
+  autoStart: true,
+  requires: [INotebookTracker, ICodeLlamaClient],
+  optional: [ICommandPalette, ISettingRegistry],
+  activate: (
+    app,
+    tracker: INotebookTracker,
+    client: ICodeLlamaClient,
+    palette: ICommandPalette | null,
+    registry: ISettingRegistry | null
+  ) => {
+    let settings: IDocstringSettings = DEFAULT_DOCSTRING_SETTINGS;
+    const busyCells = new Set<string>();
+    const id = CommandIds.generateDocstring;
+    const activeCodeCell = () => {
+      const cell = tracker.activeCell;
+      return cell && cell.model.type === 'code' ? cell : null;
+    };
+    const isBusy = () => {
+      const cell = activeCodeCell();
+      return !!cell && busyCells.has(cell.model.id);
+    };
+    const refresh = () => app.commands.notifyCommandChanged(id);
+
+    const generate = async (cell: Cell) => {
+      const notebook = tracker.currentWidget?.content;
+      const editor = cell.editor;
+      if (!notebook?.model || !editor) {
+        return;
+      }
+      const source = cell.model.sharedModel.getSource();
+      const cursor = editor.getOffsetAt(editor.getCursorPosition());
+      const codeAbove: string[] = [];
+      const notebookCode: string[] = [];
+      let above = true;
+      for (let i = 0; i < notebook.model.cells.length; i++) {
+        const model = notebook.model.cells.get(i);
+        if (model === cell.model) {
+          above = false;
+        }
+        if (model.type === 'code') {
+          const text = model.sharedModel.getSource();
+          notebookCode.push(text);
+          if (above) {
+            codeAbove.push(text);
+          }
+        }
+      }
+      const status = client.status?.state === 'ready' ? client.status : await client.refreshStatus();
+      if (status.state !== 'ready') {
+        throw new Error(status.error ?? 'The model is still loading; try again in a moment.');
+      }
+      const plan = await planDocstrings({
+        source,
+        cursor,
+        codeAbove,
+        notebookCode,
+        infilling: status.model?.supports_infilling ?? false,
+        maxContextTokens: status.model?.max_context || FALLBACK_CONTEXT_TOKENS,
+        settings,
+        complete: request => client.complete(request)
+      });
+      if (plan.kind === 'nothing') {
+        Notification.info(plan.reason, { autoClose: 4000 });
+        return;
+      }
+      if (cell.model.sharedModel.getSource() !== source) {
+        // Offsets were computed for the old text; inserting now could split a line the user just wrote.
+        throw new Error('The cell changed while the docstring was being written; nothing was inserted.');
+      }
+      // The cell's shared model carries the undo manager at runtime; its public type does not declare it.
+      insertAsOneEdit(cell.model.sharedModel as unknown as IEditableSource, plan.insertions);
+    };
+
+    app.commands.addCommand(id, {
+      label: () => (isBusy() ? 'Generating docstring…' : 'Generate docstring'),
+      caption: 'Ask Code Llama to write the docstring of the function or class at the cursor (or of every undocumented one in the cell)',
+      icon: docstringIcon,
+      className: () => (isBusy() ? BUSY_CLASS : ''),
+      isVisible: () => activeCodeCell() !== null,
+      isEnabled: () => activeCodeCell() !== null && !isBusy(),
+      execute: async () => {
+        const cell = activeCodeCell();
+        if (!cell || busyCells.has(cell.model.id)) {
+          return;
+        }
+        busyCells.add(cell.model.id);
+        refresh();
+        try {
+          await generate(cell);
+        } catch (reason) {
+          const message = reason instanceof Error ? reason.message : String(reason);
+          Notification.error(`Docstring generation failed: ${message}`, { autoClose: 8000 });
+        } finally {
+          busyCells.delete(cell.model.id);
+          refresh();
+        }
+      }
+    });
+    tracker.activeCellChanged.connect(refresh);
+    palette?.addItem({ command: id, category: 'Code Llama' });
+
+    registry
+      ?.load(docstringPlugin.id)
+      .then(loaded => {
+        const apply = () => {
+          settings = readDocstringSettings(loaded.composite);
+        };
+        apply();
+        loaded.changed.connect(apply);
+      })
+      .catch(reason => {
+        console.warn('Code Llama: docstring settings unavailable, using defaults', reason);
+      });
+  }
+};
