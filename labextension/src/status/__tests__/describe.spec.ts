@@ -1,0 +1,34 @@
+// Tests what the status bar item says for each server state.
+
+import { describeStatus } from '../describe';
+
+const model = { name: 'CodeLlama-7b', supports_infilling: true, max_context: 4096, device: 'cuda:0', dtype: 'bfloat16' };
+
+describe('describeStatus', () => {
+  it('says connecting before the first answer', () => {
+    expect(describeStatus(null, 0).state).toBe('connecting');
+  });
+
+  it('names the model while loading', () => {
+    expect(describeStatus({ state: 'loading', model, error: null }, 0)).toMatchObject({
+      state: 'loading',
+      label: 'CodeLlama-7b: loading…'
+    });
+  });
+
+  it('shows ready with details on hover, and busy while requests run', () => {
+    const ready = describeStatus({ state: 'ready', model, error: null }, 0);
+    expect(ready).toMatchObject({ state: 'ready', label: 'CodeLlama-7b: ready' });
+    expect(ready.title).toContain('cuda:0');
+    expect(ready.title).toContain('fill-in-the-middle');
+    expect(describeStatus({ state: 'ready', model, error: null }, 2)).toMatchObject({ state: 'busy', label: 'CodeLlama-7b: busy' });
+  });
+
+  it('puts the reason of an error on hover', () => {
+    expect(describeStatus({ state: 'error', model: null, error: 'CUDA out of memory' }, 0)).toEqual({
+      state: 'error',
+      label: 'Code Llama: error',
+      title: 'CUDA out of memory'
+    });
+  });
+});

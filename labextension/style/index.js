@@ -1,0 +1,2 @@
+// Style entry point JupyterLab's builder loads for this extension.
+import './base.css';
