@@ -1,0 +1,315 @@
+"""Raw model output to the ghost text JupyterLab shows: where to stop, what repeats the suffix, whitespace.
+
+Modes: "line" stops at the end of the cursor's line; "block" at the end of the block that starts at
+the cursor (a line indented less than where it started, or after a blank line a new top-level
+statement when it started at the top level; a dedented line that only closes brackets is kept, it
+ends the block); "auto" is "line" when the cursor's line already has text before the cursor and
+"block" on an empty line; "none" keeps all the model wrote. Lines inside brackets or strings that
+the completion opened never stop it.
+
+In every mode, text that only repeats what already follows the cursor is dropped: the completion
+stops before a line equal to the first non-blank line of the suffix, and a tail that equals the
+start of the suffix (a closing bracket the editor already inserted, the rest of the line) is cut.
+Trailing spaces and trailing blank lines go; a final newline is kept in "block" and "none" mode
+only when the suffix continues on the cursor's line, where it moves that text to a line of its own.
+
+`StreamTrimmer` is the same function applied while tokens arrive: what it emits is never taken back,
+and what it emits plus `finish()` always equals `trim_completion` of the whole text.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, cast
+
+__all__ = ["Mode", "StreamTrimmer", "resolve_mode", "trim_completion"]
+
+Mode = Literal["line", "block", "auto", "none"]
+MODES: tuple[Mode, ...] = ("line", "block", "auto", "none")
+
+_OPENERS = "([{"
+_CLOSERS = ")]}"
+_QUOTES = "'\""
+
+
+def resolve_mode(mode: str, prefix: str) -> Mode:
+    """The mode to apply: "auto" becomes "line" or "block" by the text before the cursor on its line."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown completion mode {mode!r}; expected one of {', '.join(MODES)}.")
+    if mode != "auto":
+        return cast(Mode, mode)
+    return "line" if _cursor_line(prefix).strip() else "block"
+
+
+def trim_completion(text: str, *, mode: str, prefix: str, suffix: str) -> str:
+    """The part of a finished completion to show at the cursor between prefix and suffix."""
+    resolved = resolve_mode(mode, prefix)
+    cutter = _Cutter(resolved, prefix, suffix)
+    cutter.advance(text, final=True)
+    return _finalize(text[: cutter.cut], resolved, suffix)
+
+
+class StreamTrimmer:
+    """Streaming form: feed deltas as generated, get what is safe to show now.
+
+    `.done` says the stop point was reached and generation can stop.
+    """
+
+    def __init__(self, *, mode: str, prefix: str, suffix: str) -> None:
+        self._mode = resolve_mode(mode, prefix)
+        self._suffix = suffix
+        self._cutter = _Cutter(self._mode, prefix, suffix)
+        self._text = ""
+        self._sent = 0  # characters of the cleaned text already emitted
+        self._finished = False
+
+    def push(self, delta: str) -> str:
+        """Text safe to emit now (never later retracted)."""
+        if self.done or self._finished:
+            return ""  # the stop point is known: nothing after it can change the result
+        self._text += delta
+        self._cutter.advance(self._text, final=False)
+        safe = self._cutter.cut if self._cutter.cut is not None else self._cutter.safe
+        cleaned = _strip_trailing(self._text[:safe])
+        # Whatever could still turn out to be the start of the suffix, repeated, waits.
+        hold = _possible_overlap_start(cleaned, self._suffix)
+        if hold <= self._sent:
+            return ""
+        out = cleaned[self._sent : hold]
+        self._sent = hold
+        return out
+
+    @property
+    def done(self) -> bool:
+        """The mode's stop point was reached: the caller stops generating."""
+        return self._cutter.cut is not None
+
+    def finish(self) -> str:
+        """Rest to emit at the end."""
+        if self._finished:
+            return ""
+        self._finished = True
+        self._cutter.advance(self._text, final=True)
+        result = _finalize(self._text[: self._cutter.cut], self._mode, self._suffix)
+        return result[self._sent :]
+
+
+def _cursor_line(prefix: str) -> str:
+    return prefix[prefix.rfind("\n") + 1 :]
+
+
+def _indent_width(line: str) -> int:
+    stripped = line.lstrip(" \t")
+    return len(line[: len(line) - len(stripped)].expandtabs(4))
+
+
+def _scan(text: str, depth: int, quote: str | None) -> tuple[int, str | None]:
+    """Brackets the text opens and leaves open, and the string it leaves open, from a given state.
+
+    Closers with nothing open are ignored: they close brackets of the prefix, which this text did
+    not open. A one-quote string ends at the end of its line, as Python ends it with an error.
+    """
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if quote is not None:
+            if ch == "\\":
+                i += 2
+                continue
+            if text.startswith(quote, i):
+                i += len(quote)
+                quote = None
+                continue
+            if ch == "\n" and len(quote) == 1:
+                quote = None
+            i += 1
+            continue
+        if ch == "#":
+            newline = text.find("\n", i)
+            if newline == -1:
+                break
+            i = newline
+            continue
+        if ch in _QUOTES:
+            quote = ch * 3 if text.startswith(ch * 3, i) else ch
+            i += len(quote)
+            continue
+        if ch in _OPENERS:
+            depth += 1
+        elif ch in _CLOSERS and depth:
+            depth -= 1
+        i += 1
+    return depth, quote
+
+
+def _repeat_target(blank_head: str | None, suffix: str) -> str | None:
+    """The first non-blank line after the cursor, as a whole line, which the completion must not repeat.
+
+    When the cursor's line has text before the cursor, the rest of that line is not a whole line and
+    the first candidate is the next line; on a blank line the rest of the line counts, with the
+    indentation before the cursor.
+    """
+    lines = suffix.split("\n")
+    if blank_head is None:
+        lines = lines[1:]
+    else:
+        lines[0] = blank_head + lines[0]
+    return next((line.rstrip() for line in lines if line.strip()), None)
+
+
+_KEEP, _WAIT, _CUT_BEFORE, _CUT_AFTER = range(4)
+
+
+class _Cutter:
+    """Finds where a completion stops, reading it line by line as it grows; shared by both forms.
+
+    `cut` is the index to cut the text at once known; until then `safe` is how far the text is
+    certainly kept. A line's verdict depends only on the line and the lines before it, so the
+    verdict on a growing text never changes.
+    """
+
+    def __init__(self, mode: Mode, prefix: str, suffix: str) -> None:
+        self._mode = mode
+        self._head = _cursor_line(prefix)
+        self._head_blank = not self._head.strip()
+        self._target = _repeat_target(self._head if self._head_blank else None, suffix)
+        self._start: int | None = None if self._head_blank else _indent_width(self._head)
+        self._saw_blank = False
+        self._depth = 0  # brackets open at the start of the current line
+        self._quote: str | None = None  # the string open at the start of the current line
+        self._line_start = 0
+        self._line_no = 0
+        self.cut: int | None = None
+        self.safe = 0
+
+    def advance(self, text: str, *, final: bool) -> None:
+        while self.cut is None:
+            newline = text.find("\n", self._line_start)
+            line_end = newline if newline != -1 else len(text)
+            complete = newline != -1 or final
+            line = text[self._line_start : line_end]
+            verdict = self._judge(line, complete)
+            if verdict == _CUT_BEFORE:
+                self.cut = self._line_start
+            elif verdict == _CUT_AFTER:
+                self.cut = line_end
+            elif verdict == _WAIT:
+                self.safe = self._line_start
+                return
+            elif not complete:
+                self.safe = len(text)
+                return
+            elif self._mode == "line" or newline == -1:
+                self.cut = line_end
+            else:
+                self._commit(line)
+                self._depth, self._quote = _scan(line + "\n", self._depth, self._quote)
+                self._line_start = newline + 1
+                self._line_no += 1
+        self.safe = self.cut
+
+    def _full(self, line: str) -> str:
+        return self._head + line if self._line_no == 0 else line
+
+    def _judge(self, line: str, complete: bool) -> int:
+        if self._line_no == 0 and not self._head_blank:
+            return _KEEP  # the rest of a line the user started
+        if self._depth or self._quote is not None:
+            return _KEEP  # inside brackets or a string the completion opened
+        full = self._full(line)
+        body = full.lstrip(" \t")
+        if not body:
+            return _KEEP if complete else _WAIT
+        if self._mode == "block" and self._start is not None:
+            indent = _indent_width(full)
+            if indent < self._start:
+                if body[0] not in _CLOSERS:
+                    return _CUT_BEFORE
+                # A dedented line of closing brackets ends the block but belongs to it.
+                if not complete:
+                    return _WAIT
+                return _CUT_BEFORE if full.rstrip() == self._target else _CUT_AFTER
+            if self._start == 0 and indent == 0 and self._saw_blank:
+                return _CUT_BEFORE
+        if self._target is None:
+            return _KEEP
+        if complete:
+            return _CUT_BEFORE if full.rstrip() == self._target else _KEEP
+        target = self._target
+        could_repeat = target.startswith(full) or (
+            full.startswith(target) and not full[len(target) :].strip()
+        )
+        return _WAIT if could_repeat else _KEEP
+
+    def _commit(self, line: str) -> None:
+        """Carry what a finished line tells about the lines after it (called only on kept lines)."""
+        if self._depth or self._quote is not None:
+            return
+        full = self._full(line)
+        if not full.strip():
+            self._saw_blank = self._start is not None
+            return
+        if self._start is None:
+            self._start = _indent_width(full)
+        self._saw_blank = False
+
+
+def _strip_trailing(text: str) -> str:
+    """Text without spaces at line ends and without trailing blank lines.
+
+    For a growing text, the result for a shorter text is always a prefix of the result for a longer.
+    """
+    return "\n".join(line.rstrip(" \t\r\f\v") for line in text.split("\n")).rstrip()
+
+
+def _is_word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
+def _overlap_ok(text: str, k: int, suffix: str) -> bool:
+    """Whether the last k characters of text, equal to the suffix's first k, are a repeat of it."""
+    before, piece = text[: len(text) - k], suffix[:k]
+    if not piece.strip():
+        return False
+    # "tota" + "l = 1": the overlap must not split a word on either side.
+    if before and _is_word(before[-1]) and _is_word(piece[0]):
+        return False
+    if k < len(suffix) and _is_word(piece[-1]) and _is_word(suffix[k]):
+        return False
+    if any(ch in _CLOSERS or ch in _QUOTES for ch in piece):
+        # "f(a)" before ")": the completion's own ")" closes its own "(", it is not the suffix's.
+        depth, quote = _scan(before, 0, None)
+        return depth == 0 and quote is None
+    return True
+
+
+def _drop_overlap(text: str, suffix: str) -> str:
+    for k in range(min(len(text), len(suffix)), 0, -1):
+        if text.endswith(suffix[:k]) and _overlap_ok(text, k, suffix):
+            return text[: len(text) - k]
+    return text
+
+
+def _possible_overlap_start(text: str, suffix: str) -> int:
+    """The earliest index from which text could still end up as a start of the suffix."""
+    if not suffix:
+        return len(text)
+    i = text.find(suffix[0])
+    while i != -1:
+        if suffix.startswith(text[i:]):
+            return i
+        i = text.find(suffix[0], i + 1)
+    return len(text)
+
+
+def _finalize(kept: str, mode: Mode, suffix: str) -> str:
+    cleaned = _strip_trailing(kept)
+    trimmed = _drop_overlap(cleaned, suffix)
+    if trimmed != cleaned or not trimmed.strip() or mode == "line":
+        return trimmed
+    ended_line = "\n" in kept[len(kept.rstrip()) :]
+    rest_of_line = suffix.split("\n", 1)[0]
+    # Ghost text ending in a newline pushes the rest of the cursor's line down to a line of its own;
+    # where that rest is empty the newline would only show as a stray blank line.
+    if ended_line and rest_of_line.strip():
+        return trimmed + "\n"
+    return trimmed
