@@ -1,0 +1,255 @@
+"""Code Llama's fill-in-the-middle training transform, sequence packing, and the trainer's token file.
+
+Pipeline: corpus documents -> `fim_transform` (per document: 90% FIM, half PSM half SPM, else plain) ->
+one flat token stream written by `tokenize_corpus` (FIM precomputed, one draw per document and epoch,
+reproducible from the seed) -> `batches`, which cuts the stream into (batch, seq_len + 1) windows.
+
+FIM is precomputed rather than applied in the training loop because tokenization is the slow part on a
+CPU box and the trainer should only slice memory; several epochs with fresh FIM draws are written with
+`--epochs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class FimTokenizer(Protocol):
+    """What the transform needs; `kernel_model.tokenizer.Tokenizer` provides exactly these names."""
+
+    bos_id: int
+    eos_id: int
+    prefix_id: int | None
+    suffix_id: int | None
+    middle_id: int | None
+    eot_id: int | None
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
+
+    def encode_infilling(self, text: str) -> list[int]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FimSample:
+    """One transformed document: token ids, the layout (plain, psm or spm) and the split (prefix and
+    middle lengths in characters; None for plain). SPM with an empty prefix is ambiguous at the token
+    level (a middle starting with a space looks like a prefix with its dummy space), hence `split`."""
+
+    mode: str
+    ids: list[int]
+    split: tuple[int, int] | None = None
+
+
+def split_document(doc: str, rng: random.Random) -> tuple[str, str, str]:
+    """Prefix, middle, suffix at two character positions drawn uniformly (either may coincide/be an end)."""
+    a, b = sorted((rng.randint(0, len(doc)), rng.randint(0, len(doc))))
+    return doc[:a], doc[a:b], doc[b:]
+
+
+def psm_ids(prefix: str, middle: str, suffix: str, tok: FimTokenizer) -> list[int]:
+    """Meta's PSM: <s> <PRE> prefix <SUF> suffix <MID> middle <EOT>."""
+    return [
+        tok.bos_id,
+        _fim(tok.prefix_id),
+        *tok.encode(prefix),
+        _fim(tok.suffix_id),
+        *tok.encode_infilling(suffix),
+        _fim(tok.middle_id),
+        *tok.encode_infilling(middle),
+        _fim(tok.eot_id),
+    ]
+
+
+def spm_ids(prefix: str, middle: str, suffix: str, tok: FimTokenizer) -> list[int]:
+    """Meta's SPM: <s> <PRE> <SUF> suffix <MID> prefix middle <EOT> (prefix keeps its leading space)."""
+    return [
+        tok.bos_id,
+        _fim(tok.prefix_id),
+        _fim(tok.suffix_id),
+        *tok.encode_infilling(suffix),
+        _fim(tok.middle_id),
+        *tok.encode(prefix),
+        *tok.encode_infilling(middle),
+        _fim(tok.eot_id),
+    ]
+
+
+def _fim(token: int | None) -> int:
+    if token is None:
+        raise ValueError("tokenizer has no FIM pieces (▁<PRE> ▁<SUF> ▁<MID> ▁<EOT>)")
+    return token
+
+
+def fim_transform(
+    doc: str, tok: FimTokenizer, rng: random.Random, fim_rate: float = 0.9, spm_rate: float = 0.5
+) -> FimSample:
+    """Code Llama's training transform for one document."""
+    if rng.random() >= fim_rate:
+        return FimSample("plain", tok.encode(doc, bos=True, eos=True))
+    prefix, middle, suffix = split_document(doc, rng)
+    split = (len(prefix), len(middle))
+    if rng.random() < spm_rate:
+        return FimSample("spm", spm_ids(prefix, middle, suffix, tok), split)
+    return FimSample("psm", psm_ids(prefix, middle, suffix, tok), split)
+
+
+def document_rng(seed: int, epoch: int, index: int) -> random.Random:
+    # String seeds go through SHA-512, so the draw for a document depends only on (seed, epoch, index):
+    # the same across processes and runs, whatever order documents are processed in.
+    return random.Random(f"fim:{seed}:{epoch}:{index}")
+
+
+def pack_sequences(samples: Iterable[Sequence[int]], seq_len: int) -> Iterator[list[int]]:
+    """Concatenate token lists and cut them into consecutive `seq_len` chunks (the remainder is dropped)."""
+    buffer: list[int] = []
+    for ids in samples:
+        buffer.extend(ids)
+        while len(buffer) >= seq_len:
+            yield buffer[:seq_len]
+            del buffer[:seq_len]
+
+
+# --------------------------------------------------------------------------------------------- token file
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def tokenize_corpus(
+    corpus: str | os.PathLike,
+    tok: FimTokenizer,
+    out: str | os.PathLike,
+    *,
+    vocab_size: int,
+    seed: int = 0,
+    fim_rate: float = 0.9,
+    spm_rate: float = 0.5,
+    epochs: int = 1,
+) -> dict:
+    """Write `out` (flat little-endian token ids) and `out`.json (metadata) from a corpus directory.
+
+    Each epoch passes over every document once with fresh FIM draws, so `epochs` > 1 gives the trainer
+    more than one FIM view of the data without tokenizing during training.
+    """
+    from kernel_model.corpus import iter_documents
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(vocab_size).newbyteorder("<")
+    counts = {"plain": 0, "psm": 0, "spm": 0}
+    total = 0
+    t0 = time.monotonic()
+    with open(out, "wb") as fh:
+        for epoch in range(epochs):
+            for index, doc in enumerate(iter_documents(corpus)):
+                sample = fim_transform(doc, tok, document_rng(seed, epoch, index), fim_rate, spm_rate)
+                counts[sample.mode] += 1
+                total += len(sample.ids)
+                fh.write(np.asarray(sample.ids, dtype=dtype).tobytes())
+    meta = {
+        "dtype": dtype.name,
+        "tokens": total,
+        "vocab_size": vocab_size,
+        "documents": sum(counts.values()),
+        "modes": counts,
+        "seed": seed,
+        "fim_rate": fim_rate,
+        "spm_rate": spm_rate,
+        "epochs": epochs,
+        "corpus": str(corpus),
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    Path(str(out) + ".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+def load_tokens(path: str | os.PathLike) -> np.ndarray:
+    """The token file as a read-only memory map (dtype from its .json sidecar)."""
+    meta = json.loads(Path(str(path) + ".json").read_text(encoding="utf-8"))
+    return np.memmap(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
+
+
+def batches(
+    token_source: str | os.PathLike | np.ndarray | Sequence[int],
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    *,
+    epochs: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Training batches: int64 tensors of shape (batch_size, seq_len + 1); inputs [:, :-1], targets [:, 1:].
+
+    The stream is cut into non-overlapping windows (neighbours share one token, the next target); each
+    epoch visits every window once in an order drawn from (seed, epoch). Runs forever unless `epochs` is
+    given; a final partial batch of an epoch is dropped.
+    """
+    if isinstance(token_source, str | os.PathLike):
+        tokens = load_tokens(token_source)
+    else:
+        tokens = np.asarray(token_source)
+    windows = (len(tokens) - 1) // seq_len
+    if windows < batch_size:
+        raise ValueError(f"{len(tokens)} tokens make {windows} windows of {seq_len}, fewer than one batch")
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = np.random.default_rng([seed, epoch]).permutation(windows)
+        for start in range(0, windows - batch_size + 1, batch_size):
+            picked = order[start : start + batch_size]
+            rows = [tokens[i * seq_len : i * seq_len + seq_len + 1] for i in picked]
+            yield torch.from_numpy(np.stack(rows).astype(np.int64))
+        epoch += 1
+
+
+def _cmd_tokenize_corpus(args: argparse.Namespace) -> int:
+    from kernel_model.tokenizer import Tokenizer
+
+    tok = Tokenizer(args.tokenizer)
+    meta = tokenize_corpus(
+        args.corpus,
+        tok,
+        args.out,
+        vocab_size=tok.vocab_size,
+        seed=args.seed,
+        fim_rate=args.fim_rate,
+        spm_rate=args.spm_rate,
+        epochs=args.epochs,
+    )
+    print(json.dumps(meta))
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register `tokenize-corpus` on the engine's top-level subparsers (handler in `func`)."""
+    p = subparsers.add_parser("tokenize-corpus", help="FIM-transform and tokenize a corpus for training")
+    p.add_argument("corpus", type=Path, help="corpus directory written by `python -m kernel_model.corpus`")
+    p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer .model with FIM pieces")
+    p.add_argument("--out", type=Path, required=True, help="token file to write (plus OUT.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fim-rate", type=float, default=0.9)
+    p.add_argument("--spm-rate", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=1, help="passes, each with fresh FIM draws")
+    p.set_defaults(func=_cmd_tokenize_corpus)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernel_model.fim")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
