@@ -1,0 +1,96 @@
+"""The jupyter-server extension: configuration, routes, and the model service shared by every handler."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Bool, Float, Int, Unicode, default, validate
+
+from .handlers import handlers
+from .protocol import Limits
+from .service import ModelService, ServiceConfig
+
+MODEL_ENV = "JUPYTER_CODELLAMA_MODEL"
+URL_ENV = "JUPYTER_CODELLAMA_URL"
+KEY_ENV = "JUPYTER_CODELLAMA_KEY"
+
+
+class CodeLlamaExtension(ExtensionApp):
+    name = "jupyter_codellama"
+    description = "Code Llama completions for JupyterLab, served from this Jupyter server."
+
+    model = Unicode(
+        help=f"Checkpoint folder (Meta or Hugging Face layout) or 'embedded'. Default: ${MODEL_ENV} or embedded."
+    ).tag(config=True)
+    device = Unicode(
+        "auto", help="'auto' (a CUDA GPU when present, else CPU), 'cpu', 'cuda', 'cuda:1', ..."
+    ).tag(config=True)
+    dtype = Unicode(
+        "auto", help="'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16', 'float16', 'float32'."
+    ).tag(config=True)
+    backend = Unicode("local", help="Where completions run: 'local' (this process's GPU or CPU).").tag(
+        config=True
+    )
+    max_context_tokens = Int(4096, help="Prompt budget in tokens (context + completion).").tag(config=True)
+    max_new_tokens = Int(256, help="Ceiling on tokens generated per request.").tag(config=True)
+    max_candidates = Int(4, help="Ceiling on candidates per request (manual invoke).").tag(config=True)
+    request_timeout = Float(30.0, help="Seconds a request may take, queueing included.").tag(config=True)
+    queue_size = Int(
+        16, help="Requests waiting for the model before new ones are told the model is busy."
+    ).tag(config=True)
+    prefix_share = Float(0.75, help="Share of the prompt budget given to the text before the cursor.").tag(
+        config=True
+    )
+    include_outputs = Bool(False, help="Show cell outputs to the model as comments.").tag(config=True)
+
+    @default("model")
+    def _default_model(self) -> str:
+        return os.environ.get(MODEL_ENV) or "embedded"
+
+    @validate("backend")
+    def _check_backend(self, proposal: dict) -> str:
+        if proposal["value"] != "local":
+            raise ValueError(f"backend {proposal['value']!r} is not available; use 'local'")
+        return proposal["value"]
+
+    def initialize_settings(self) -> None:
+        config = ServiceConfig(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            max_context_tokens=self.max_context_tokens,
+            request_timeout=self.request_timeout,
+            queue_size=self.queue_size,
+            prefix_share=self.prefix_share,
+            include_outputs=self.include_outputs,
+        )
+        self.service = ModelService(config, log=self.log)
+        self.service.start()
+        # Kernels this server starts inherit its environment: that is how the %%codellama magic
+        # finds this server's model, with a key no process outside this user's can read.
+        kernel_key = secrets.token_urlsafe(32)
+        os.environ[KEY_ENV] = kernel_key
+        self.announce_url()
+        self.settings.update(
+            codellama_service=self.service,
+            codellama_limits=Limits(max_new_tokens=self.max_new_tokens, max_candidates=self.max_candidates),
+            codellama_kernel_key=kernel_key,
+        )
+
+    def announce_url(self) -> None:
+        app = self.serverapp
+        host = "127.0.0.1" if app.ip in ("", "0.0.0.0", "localhost") else app.ip
+        scheme = "https" if app.certfile else "http"
+        base = app.base_url if app.base_url.endswith("/") else app.base_url + "/"
+        os.environ[URL_ENV] = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{app.port}{base}"
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(handlers())
+
+    async def _start_jupyter_server_extension(self, serverapp) -> None:
+        self.announce_url()  # the port is final once the server listens
+
+    async def stop_extension(self) -> None:
+        self.service.stop()

@@ -1,0 +1,156 @@
+"""The completion protocol's messages: validating what clients send, shaping what the server answers.
+
+Every validation failure is a `ProtocolError` whose message is one sentence a user can act on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .context import Cell, cells_from_json
+
+MODES = ("line", "block", "auto", "none")
+MAX_ID_LENGTH = 128
+MAX_STOP_STRINGS = 8
+MAX_STOP_LENGTH = 64
+
+
+class ProtocolError(ValueError):
+    """A request the server cannot serve as sent; the message goes to the client as is."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side ceilings that requests are checked and clamped against (set by the extension)."""
+
+    max_new_tokens: int = 256
+    max_candidates: int = 4
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prefix: str = ""
+    suffix: str = ""
+    cells: tuple[Cell, ...] | None = None  # the notebook form: the context builder makes prefix/suffix
+    cell: int = 0
+    offset: int = 0
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 0.95
+    n: int = 1
+    mode: str = "auto"
+    stop: tuple[str, ...] = ()
+    infill: bool = True  # False: `prefix` is a whole prompt to continue (e.g. an Instruct chat)
+    seed: int | None = None
+
+    @property
+    def target(self) -> str:
+        """What the request completes in: a newer request for the same target supersedes it."""
+        return f"cell:{self.cell}" if self.cells is not None else "text"
+
+
+def decode_message(raw: str | bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError("the message is not valid JSON") from exc
+    if not isinstance(message, dict):
+        raise ProtocolError("the message must be a JSON object")
+    return message
+
+
+def parse_completion(body: dict[str, Any], limits: Limits) -> CompletionRequest:
+    fields: dict[str, Any] = {}
+    if "notebook" in body:
+        notebook = body["notebook"]
+        if not isinstance(notebook, dict):
+            raise ProtocolError("'notebook' must be an object with a 'cells' list")
+        try:
+            cells = tuple(cells_from_json(notebook))
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from exc
+        fields["cells"] = cells
+        fields["cell"] = integer(body, "cell", 0, max(len(cells) - 1, 0), required=True)
+        source_length = len(cells[fields["cell"]].source) if cells else 0
+        fields["offset"] = integer(body, "offset", 0, source_length, required=True)
+    elif "prefix" in body:
+        fields["prefix"] = text(body, "prefix")
+        fields["suffix"] = text(body, "suffix") if "suffix" in body else ""
+    else:
+        raise ProtocolError(
+            "a completion needs either 'prefix' (and 'suffix') or 'notebook', 'cell' and 'offset'"
+        )
+    if "max_new_tokens" in body:
+        # Above the ceiling is clamped, not refused: the client cannot know the server's setting.
+        fields["max_new_tokens"] = min(integer(body, "max_new_tokens", 1, 1 << 30), limits.max_new_tokens)
+    else:
+        fields["max_new_tokens"] = min(CompletionRequest.max_new_tokens, limits.max_new_tokens)
+    if "temperature" in body:
+        fields["temperature"] = number(body, "temperature", 0.0, 2.0)
+    if "top_p" in body:
+        fields["top_p"] = number(body, "top_p", 0.01, 1.0)
+    if "n" in body:
+        fields["n"] = integer(body, "n", 1, limits.max_candidates)
+    if "mode" in body:
+        mode = body["mode"]
+        if mode not in MODES:
+            raise ProtocolError(f"'mode' must be one of {', '.join(MODES)}")
+        fields["mode"] = mode
+    if "stop" in body:
+        fields["stop"] = stop_strings(body["stop"])
+    if "infill" in body:
+        if not isinstance(body["infill"], bool):
+            raise ProtocolError("'infill' must be true or false")
+        fields["infill"] = body["infill"]
+    if body.get("seed") is not None:
+        fields["seed"] = integer(body, "seed", 0, 2**63 - 1)
+    return CompletionRequest(**fields)
+
+
+def request_id(message: dict[str, Any]) -> str:
+    value = message.get("id")
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+        raise ProtocolError(f"'id' must be a non-empty string of at most {MAX_ID_LENGTH} characters")
+    return value
+
+
+def text(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise ProtocolError(f"'{name}' must be a string")
+    return value
+
+
+def integer(body: dict[str, Any], name: str, low: int, high: int, required: bool = False) -> int:
+    if name not in body and required:
+        raise ProtocolError(f"'{name}' is required")
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"'{name}' must be a whole number")
+    if not low <= value <= high:
+        raise ProtocolError(f"'{name}' must be between {low} and {high}")
+    return value
+
+
+def number(body: dict[str, Any], name: str, low: float, high: float) -> float:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ProtocolError(f"'{name}' must be a number")
+    if not low <= value <= high:
+        raise ProtocolError(f"'{name}' must be between {low} and {high}")
+    return float(value)
+
+
+def stop_strings(value: Any) -> tuple[str, ...]:
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_STOP_STRINGS
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in value)
+    ):
+        raise ProtocolError(
+            f"'stop' must be a list of at most {MAX_STOP_STRINGS} non-empty strings "
+            f"of at most {MAX_STOP_LENGTH} characters"
+        )
+    return tuple(value)
