@@ -10,6 +10,8 @@ the completion opened never stop it.
 In every mode, text that only repeats what already follows the cursor is dropped: the completion
 stops before a line equal to the first non-blank line of the suffix, and a tail that equals the
 start of the suffix (a closing bracket the editor already inserted, the rest of the line) is cut.
+It also stops before a `# %%` line: that is how the notebook prompt marks a cell boundary, so the
+model writing one has moved on to a cell of its own.
 Trailing spaces and trailing blank lines go; a final newline is kept in "block" and "none" mode
 only when the suffix continues on the cursor's line, where it moves that text to a line of its own.
 
@@ -20,6 +22,8 @@ and what it emits plus `finish()` always equals `trim_completion` of the whole t
 from __future__ import annotations
 
 from typing import Literal, cast
+
+from .context import CELL_MARKER
 
 __all__ = ["Mode", "StreamTrimmer", "resolve_mode", "trim_completion"]
 
@@ -219,6 +223,10 @@ class _Cutter:
         body = full.lstrip(" \t")
         if not body:
             return _KEEP if complete else _WAIT
+        if full.startswith(CELL_MARKER):
+            return _CUT_BEFORE
+        if not complete and CELL_MARKER.startswith(full):
+            return _WAIT
         if self._mode == "block" and self._start is not None:
             indent = _indent_width(full)
             if indent < self._start:

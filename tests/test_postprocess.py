@@ -133,6 +133,14 @@ def test_a_line_inside_brackets_the_completion_opened_is_not_a_repeat() -> None:
     assert trim(text, mode="none", prefix="", suffix="\n)\n") == "run(\n    a,\n)\nx = 1"
 
 
+def test_a_new_cell_marker_ends_the_completion_in_every_mode() -> None:
+    text = "x = 1\n\n# %%\ny = 2"
+    for mode in ("block", "none"):
+        assert trim(text, mode=mode, prefix="") == "x = 1"
+    assert trim("# %% [markdown]\n# Notes", mode="none", prefix="a = 1\n") == ""
+    assert trim("x = 1\n    # %% not a marker\n", mode="none", prefix="") == "x = 1\n    # %% not a marker"
+
+
 # --- whitespace -------------------------------------------------------------------------------
 
 
@@ -193,7 +201,7 @@ def test_streaming_block_mode_stops_at_the_dedent_without_more_text() -> None:
 
 CODE_ALPHABET = st.sampled_from(
     ["a", "b", "x", "_", "1", " ", "    ", "\t", "\n", "\n\n", "(", ")", "[", "]", "{", "}", ":", ",", "=",
-     "#", "'", '"', '"""', "\\", "return", "def f():", "pass"]
+     "#", "%", "# %%", "'", '"', '"""', "\\", "return", "def f():", "pass"]
 )  # fmt: skip
 CODE = st.lists(CODE_ALPHABET, max_size=30).map("".join)
 
