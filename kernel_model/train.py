@@ -1,0 +1,199 @@
+"""Train a small Code Llama from scratch with Code Llama's recipe, and export it as a Meta checkpoint.
+
+python -m kernel_model.train --tokens TOKENS --tokenizer tokenizer.model --out RUN [--dim --layers ...]
+
+AdamW (0.9, 0.95), cosine schedule with linear warm-up, gradient clipping at 1.0, bf16 autocast on
+a GPU. TOKENS is the file `python -m kernel_model tokenize-corpus` writes, FIM already applied to
+90 % of documents, half PSM, half SPM (kernel_model.fim). The run folder holds a
+resumable `state.pt`, a JSON-lines `log.jsonl` (loss, learning rate, tokens/s) and, at the end,
+`model/` in Meta's layout — the same files `load_model` reads for a real Code Llama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import write_meta
+from .model import ModelArgs, Transformer, count_parameters
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    dim: int = 256
+    layers: int = 6
+    heads: int = 8
+    kv_heads: int | None = None
+    seq_len: int = 512
+    batch_size: int = 16
+    steps: int = 2000
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200
+    max_seconds: float = 0.0  # stop (and export) after this long; 0: run every step
+    compile: bool = False
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_learning_rate + 0.5 * (cfg.learning_rate - cfg.min_learning_rate) * (
+        1 + math.cos(math.pi * progress)
+    )
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    # No weight decay on norms (1-d): decaying their gains toward zero only fights the normalisation.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def loss_on(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of a [B, T+1] batch."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+
+def train(
+    cfg: TrainConfig,
+    batches: Iterator[torch.Tensor],
+    tokenizer_file: Path,
+    out: Path,
+    device: torch.device,
+) -> Path:
+    """Run (or resume) training in `out`; returns the exported model folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(tokenizer_file)
+    if not tokenizer.supports_infilling:
+        raise SystemExit(f"{tokenizer_file} has no FIM pieces: train one with `python -m kernel_model.vocab`")
+    torch.manual_seed(cfg.seed)
+    args = ModelArgs(
+        dim=cfg.dim, n_layers=cfg.layers, n_heads=cfg.heads, n_kv_heads=cfg.kv_heads,
+        vocab_size=tokenizer.vocab_size, multiple_of=32, max_context=max(cfg.seq_len, 4096),
+    )  # fmt: skip
+    model = Transformer(args).to(device)
+    init_weights(model, args)
+    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
+    step = 0
+    state_file = out / "state.pt"
+    if state_file.exists():
+        state = torch.load(state_file, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        for _ in range(state["batches_seen"]):  # the data stream is a pure function of the seed
+            next(batches)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    print(
+        f"training {count_parameters(model) / 1e6:.1f} M parameters on {device}, from step {step}", flush=True
+    )
+    log = (out / "log.jsonl").open("a")
+    started = time.perf_counter()
+    window_tokens, window_start = 0, time.perf_counter()
+    while step < cfg.steps:
+        if cfg.max_seconds and time.perf_counter() - started > cfg.max_seconds:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        batch = next(batches).to(device, non_blocking=True)
+        with autocast:
+            loss = loss_on(forward, batch)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_tokens += batch.numel()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": step, "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": round(float(grad_norm), 3), "tokens_per_s": round(window_tokens / elapsed),
+                "elapsed_s": round(time.perf_counter() - started, 1),
+            }  # fmt: skip
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(json.dumps(record), flush=True)
+            window_tokens, window_start = 0, time.perf_counter()
+        if step % cfg.save_every == 0:
+            save_state(state_file, model, optimizer, step)
+    save_state(state_file, model, optimizer, step)
+    return export(model, args, tokenizer_file, out / "model")
+
+
+def init_weights(model: Transformer, args: ModelArgs) -> None:
+    # GPT-2 style: small normal init, residual projections scaled down by depth.
+    for name, parameter in model.named_parameters():
+        if parameter.dim() < 2:
+            continue
+        std = 0.02 / math.sqrt(2 * args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+        torch.nn.init.normal_(parameter, mean=0.0, std=std)
+
+
+def save_state(path: Path, model: Transformer, optimizer: torch.optim.Optimizer, step: int) -> None:
+    temporary = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "batches_seen": step}, temporary)  # fmt: skip
+    os.replace(temporary, path)  # a crash mid-save never leaves a broken state behind
+
+
+def export(model: Transformer, args: ModelArgs, tokenizer_file: Path, folder: Path) -> Path:
+    """Meta's layout in bfloat16 (half the bytes; the engine upcasts to float32 on CPU)."""
+    state = {name: tensor.detach().to("cpu", torch.bfloat16) for name, tensor in model.state_dict().items()}
+    write_meta(folder, args, state)
+    shutil.copyfile(tokenizer_file, folder / "tokenizer.model")
+    return folder
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .fim import batches  # the data side is only needed here
+
+    parser = argparse.ArgumentParser(prog="python -m kernel_model.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--tokens", type=Path, required=True, help="a token file from tokenize-corpus")
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="auto")
+    for name, value in asdict(TrainConfig()).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true", default=value)
+        else:
+            parser.add_argument(flag, type=type(value) if value is not None else int, default=value)
+    options = parser.parse_args(argv)
+    cfg = TrainConfig(**{name: getattr(options, name) for name in asdict(TrainConfig())})
+    if options.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(options.device)
+    stream = batches(options.tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
+    folder = train(cfg, stream, options.tokenizer, options.out, device)
+    print(f"exported {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The trainer: a few steps lower the loss, a run resumes from its state, the export loads like a real checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from kernel_model import load_model
+from kernel_model.train import TrainConfig, learning_rate, train
+
+
+def repeating_batches(vocab: int, seq_len: int, batch: int):
+    generator = torch.Generator().manual_seed(0)
+    fixed = torch.randint(3, vocab, (batch, seq_len + 1), generator=generator)
+    while True:
+        yield fixed
+
+
+def test_steps_lower_the_loss_and_export_loads(tmp_path, codellama_tokenizer_file):
+    cfg = TrainConfig(dim=32, layers=1, heads=2, seq_len=32, batch_size=2, steps=12, warmup_steps=2,
+                      learning_rate=1e-2, log_every=1, save_every=100)  # fmt: skip
+    folder = train(
+        cfg, repeating_batches(32016, 32, 2), codellama_tokenizer_file, tmp_path / "run", torch.device("cpu")
+    )
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"] - 1.0
+    assert all(record["tokens_per_s"] > 0 for record in log)
+    model = load_model(folder)
+    assert model.supports_infilling and model.info()["dim"] == 32
+    assert isinstance(model.infill("def f(x):\n    ", "\n", max_new_tokens=4), str)
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 40 * 2**20
+
+
+def test_a_run_resumes_where_it_stopped(tmp_path, codellama_tokenizer_file):
+    cfg = TrainConfig(dim=32, layers=1, heads=2, seq_len=16, batch_size=2, steps=4, warmup_steps=1,
+                      log_every=1, save_every=2)  # fmt: skip
+    run = tmp_path / "run"
+    train(cfg, repeating_batches(32016, 16, 2), codellama_tokenizer_file, run, torch.device("cpu"))
+    longer = TrainConfig(**{**cfg.__dict__, "steps": 6})
+    train(longer, repeating_batches(32016, 16, 2), codellama_tokenizer_file, run, torch.device("cpu"))
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = TrainConfig(steps=100, warmup_steps=10, learning_rate=1.0, min_learning_rate=0.1)
+    assert learning_rate(0, cfg) == 0.1 and learning_rate(9, cfg) == 1.0
+    assert abs(learning_rate(100, cfg) - 0.1) < 1e-9
+    assert learning_rate(50, cfg) < learning_rate(20, cfg)
