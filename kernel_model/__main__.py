@@ -1,4 +1,4 @@
-"""Command line: python -m kernel_model {info,complete,infill,make-test-checkpoint,...}."""
+"""Command line for the engine: inspect, complete, infill, and the embedded model's training pipeline."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import evaluation, fim, vocab
 from .checkpoint import make_test_checkpoint
 from .codellama import load_model
 from .errors import ModelError
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--kv-heads", type=int, default=None)
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(func=run_make_test_checkpoint)
+
+    # The embedded model's pipeline: tokenizer training, FIM tokenization, evaluation.
+    for module in (vocab, fim, evaluation):
+        module.add_cli(commands)
     return parser
 
 
