@@ -462,7 +462,7 @@ def plain_context(
 class _Unit:
     """A top-level import, def/class or short assignment: lines [start, end) of a cell."""
 
-    kind: str  # "import" | "def" | "assign"
+    kind: str  # "import" | "def" | "assign" | "binding" (an assignment too long to carry)
     names: frozenset[str]  # what it binds
     refs: frozenset[str]  # what it reads
     start: int
@@ -578,7 +578,7 @@ def _units_of(statements: Sequence[ast.stmt], lines: Sequence[str], base: int) -
         kind, names = bound
         start, end = base + _first_line(node) - 1, base + (node.end_lineno or node.lineno)
         if kind == "assign" and end - start > ASSIGN_MAX_LINES:
-            continue
+            kind = "binding"  # not carried, but it still hides earlier bindings of its names
         refs = _node_refs(node, kind)
         stubs = _stubs(node, lines, base) if kind == "def" else ()
         if units and start < units[-1].end:  # statements sharing a line ("a = 1; b = 2") go together
@@ -755,6 +755,8 @@ class _Notebook:
         """
         index = self.definitions()
         found: dict[tuple[int, int], _Need] = {}
+        if self.cells[self.index].cell_type != "code":
+            near = ""  # prose mentions names without needing their definitions
         # A name the active cell binds from the cursor's line on is mostly read as that binding.
         rest = self.before[self.before.rfind("\n") + 1 :] + self.after
         shadowed = {name for unit in _units(_pythonize(rest)) for name in unit.names}
@@ -766,7 +768,7 @@ class _Notebook:
             following: list[tuple[str, tuple[int, int] | None]] = []
             for name, parent in frontier:
                 hit = index.get(name)
-                if hit is None:
+                if hit is None or hit[1].kind == "binding":
                     continue
                 key = (hit[0], hit[1].start)
                 need = found.get(key)

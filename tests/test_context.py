@@ -495,6 +495,19 @@ def test_a_name_rebound_below_the_cursor_is_not_fetched_from_above() -> None:
     assert "def model" not in ctx.prefix
 
 
+def test_a_long_assignment_is_not_carried_but_hides_older_bindings() -> None:
+    table = "rates = {\n" + "".join(f"    'r{i}': {i},\n" for i in range(20)) + "}\n"
+    cells = [Cell("code", "rates = [0.1, 0.2]"), Cell("code", table), *filler(30), Cell("code", "rates[")]
+    ctx = context(cells, len(cells) - 1, len("rates["), 300)
+    assert "rates =" not in ctx.prefix
+
+
+def test_a_markdown_active_cell_gathers_no_definitions() -> None:
+    cells = [Cell("code", "def data(x):\n    return x\n"), *filler(30), Cell("markdown", "The data shows")]
+    ctx = context(cells, len(cells) - 1, len("The data shows"), 300)
+    assert "def data" not in ctx.prefix and ctx.prefix.endswith("# %% [markdown]\nThe data shows")
+
+
 def test_bad_arguments_are_refused_in_one_sentence() -> None:
     cells = [Cell("code", "abc")]
     calls = [
