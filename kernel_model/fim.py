@@ -189,12 +189,14 @@ def batches(
     seed: int = 0,
     *,
     epochs: int | None = None,
+    start: int = 0,
 ) -> Iterator[torch.Tensor]:
     """Training batches: int64 tensors of shape (batch_size, seq_len + 1); inputs [:, :-1], targets [:, 1:].
 
     The stream is cut into non-overlapping windows (neighbours share one token, the next target); each
     epoch visits every window once in an order drawn from (seed, epoch). Runs forever unless `epochs` is
-    given; a final partial batch of an epoch is dropped.
+    given; a final partial batch of an epoch is dropped. `start` skips that many batches without reading
+    them, so a resumed run continues exactly where it stopped.
     """
     if isinstance(token_source, str | os.PathLike):
         tokens = load_tokens(token_source)
@@ -203,14 +205,15 @@ def batches(
     windows = (len(tokens) - 1) // seq_len
     if windows < batch_size:
         raise ValueError(f"{len(tokens)} tokens make {windows} windows of {seq_len}, fewer than one batch")
-    epoch = 0
+    per_epoch = windows // batch_size
+    epoch, skip = divmod(start, per_epoch)
     while epochs is None or epoch < epochs:
         order = np.random.default_rng([seed, epoch]).permutation(windows)
-        for start in range(0, windows - batch_size + 1, batch_size):
-            picked = order[start : start + batch_size]
+        for first in range(skip * batch_size, per_epoch * batch_size, batch_size):
+            picked = order[first : first + batch_size]
             rows = [tokens[i * seq_len : i * seq_len + seq_len + 1] for i in picked]
             yield torch.from_numpy(np.stack(rows).astype(np.int64))
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 def _cmd_tokenize_corpus(args: argparse.Namespace) -> int:

@@ -215,6 +215,10 @@ def test_tokenize_corpus_and_batches(corpus_dir: Path, trained_tokenizer: Tokeni
     assert row_counts.total() == len(epoch) * batch_size
     same = list(fim.batches(out, seq_len, batch_size, seed=5, epochs=1))
     assert all(torch.equal(a, b) for a, b in zip(epoch, same, strict=True))
+    two_epochs = list(fim.batches(out, seq_len, batch_size, seed=5, epochs=2))
+    resumed = list(fim.batches(out, seq_len, batch_size, seed=5, epochs=2, start=len(epoch) + 3))
+    assert all(torch.equal(a, b) for a, b in zip(two_epochs[len(epoch) + 3 :], resumed, strict=True))
+    assert not torch.equal(two_epochs[0], two_epochs[len(epoch)])  # a new order each epoch
     other = next(fim.batches(out, seq_len, batch_size, seed=6))
     assert not torch.equal(other, epoch[0])
     with pytest.raises(ValueError):
