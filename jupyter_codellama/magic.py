@@ -159,27 +159,29 @@ def parse(parser: argparse.ArgumentParser, line: str) -> argparse.Namespace:
 class MagicJob:
     """One answer being written on a worker thread, which also keeps its display up to date."""
 
-    def __init__(self, backend: Backend, request: GenerationRequest, answer: Answer) -> None:
+    def __init__(
+        self, backend: Backend, request: GenerationRequest, answer: Answer, running: set[MagicJob]
+    ) -> None:
         self.backend = backend
         self.request = request
         self.answer = answer
+        self.running = running  # the jobs %codellama stop reaches; this one is in it while it runs
         self.cancel = threading.Event()
         self.finished = threading.Event()
         self.view: AnswerView | None = None
         self.button: StopButton | None = None
-        self.thread: threading.Thread | None = None
-        self.on_end: list = []
 
-    def start(self, stop_button: bool) -> None:
+    def start(self, stop_button: bool, live: bool) -> None:
         if stop_button:
             self.button = StopButton(self.stop)
-        self.view = AnswerView(self.answer)
+        self.view = AnswerView(self.answer, live)
+        self.running.add(self)
         # A copy of this cell's context: the thread's displays then belong to this cell.
         context = contextvars.copy_context()
-        self.thread = threading.Thread(
+        thread = threading.Thread(
             target=context.run, args=(self._run,), name=f"codellama-{self.request.id}", daemon=True
         )
-        self.thread.start()
+        thread.start()
 
     def stop(self) -> None:
         self.cancel.set()
@@ -205,11 +207,10 @@ class MagicJob:
         except Exception as exc:  # whatever the transport raises, the user gets one line
             self.answer.fail(f"{type(exc).__name__}: {exc}")
         finally:
-            self.view.refresh(force=True)
+            self.view.refresh(final=True)
             if self.button is not None:
                 self.button.finish(self.answer)
-            for callback in self.on_end:
-                callback(self)
+            self.running.discard(self)
             self.finished.set()
 
     def _on_text(self, delta: str) -> None:
@@ -268,14 +269,13 @@ class CodeLlamaMagics(Magics):
         )
         background = self.can_run_in_background(args)
         hint = "Stop button or %codellama stop" if background else "interrupt the kernel to stop"
-        job = MagicJob(backend, request, Answer(request.id, model.name, backend.kind, prompt, stop_hint=hint))
-        self.running.add(job)
-        job.on_end.append(self.running.discard)
-        job.start(stop_button=background)
+        answer = Answer(request.id, model.name, backend.kind, prompt, stop_hint=hint)
+        job = MagicJob(backend, request, answer, self.running)
+        # Outside a kernel (terminal IPython) every update would be printed anew: show the end only.
+        job.start(stop_button=background, live=getattr(self.shell, "kernel", None) is not None)
         if background:
             return
         job.wait()
-        answer = job.answer
         if answer.error:
             raise CodeLlamaError(answer.error)
         if args.insert and not answer.cancelled:

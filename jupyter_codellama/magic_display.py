@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from IPython.display import display
@@ -32,7 +32,7 @@ class Answer:
     done: bool = False
     cancelled: bool = False
     error: str | None = None
-    _first_at: float | None = None
+    _first_at: float | None = field(default=None, repr=False)
 
     @property
     def code(self) -> str:
@@ -95,16 +95,20 @@ class Answer:
 
 
 class AnswerView:
-    """The answer's display: shown once, then updated in place at most every REFRESH_INTERVAL."""
+    """The answer's display, updated in place at most every REFRESH_INTERVAL; if not `live`, shown once at the end."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, live: bool = True) -> None:
         self.answer = answer
-        self.handle = display(answer.bundle(), raw=True, display_id=True)
+        self.handle = display(answer.bundle(), raw=True, display_id=True) if live else None
         self._shown_at = time.monotonic()
 
-    def refresh(self, force: bool = False) -> None:
+    def refresh(self, final: bool = False) -> None:
+        if self.handle is None:
+            if final:
+                display(self.answer.bundle(), raw=True)
+            return
         now = time.monotonic()
-        if force or now - self._shown_at >= REFRESH_INTERVAL:
+        if final or now - self._shown_at >= REFRESH_INTERVAL:
             self.handle.update(self.answer.bundle(), raw=True)
             self._shown_at = now
 
