@@ -4,7 +4,9 @@ Modes: "line" stops at the end of the cursor's line; "block" at the end of the b
 the cursor (a line indented less than where it started, or after a blank line a new top-level
 statement when it started at the top level; a dedented line that only closes brackets is kept, it
 ends the block); "auto" is "line" when the cursor's line already has text before the cursor and
-"block" on an empty line; "none" keeps all the model wrote. Lines inside brackets or strings that
+"block" on an empty line, or right after the colon that opens a compound statement ("def f(x):"),
+where the only useful completion is the indented body on the next lines; "none" keeps all the
+model wrote. Lines inside brackets or strings that
 the completion opened never stop it.
 
 In every mode, text that only repeats what already follows the cursor is dropped: the completion
@@ -21,6 +23,7 @@ and what it emits plus `finish()` always equals `trim_completion` of the whole t
 
 from __future__ import annotations
 
+import re
 from typing import Literal, cast
 
 from .context import CELL_MARKER
@@ -30,6 +33,11 @@ __all__ = ["Mode", "StreamTrimmer", "resolve_mode", "trim_completion"]
 Mode = Literal["line", "block", "auto", "none"]
 MODES: tuple[Mode, ...] = ("line", "block", "auto", "none")
 
+# A line that opens a block and ends with its colon: what follows is the body on the next lines.
+_BLOCK_HEADER = re.compile(
+    r"[ \t]*(?:async[ \t]+)?(?:def|class|if|elif|else|for|while|with|try|except|finally|match|case)\b"
+    r".*:[ \t]*(?:#.*)?$"
+)
 _OPENERS = "([{"
 _CLOSERS = ")]}"
 _QUOTES = "'\""
@@ -41,7 +49,8 @@ def resolve_mode(mode: str, prefix: str) -> Mode:
         raise ValueError(f"Unknown completion mode {mode!r}; expected one of {', '.join(MODES)}.")
     if mode != "auto":
         return cast(Mode, mode)
-    return "line" if _cursor_line(prefix).strip() else "block"
+    line = _cursor_line(prefix)
+    return "block" if not line.strip() or _BLOCK_HEADER.match(line) else "line"
 
 
 def trim_completion(text: str, *, mode: str, prefix: str, suffix: str) -> str:
@@ -177,6 +186,8 @@ class _Cutter:
         self._head_blank = not self._head.strip()
         self._target = _repeat_target(self._head if self._head_blank else None, suffix)
         self._start: int | None = None if self._head_blank else _indent_width(self._head)
+        if _BLOCK_HEADER.match(self._head):
+            self._start = _indent_width(self._head) + 1  # the block is the body: deeper than its header
         self._saw_blank = False
         self._depth = 0  # brackets open at the start of the current line
         self._quote: str | None = None  # the string open at the start of the current line

@@ -30,6 +30,11 @@ def test_resolve_mode_auto_follows_the_text_before_the_cursor_on_its_line() -> N
     assert resolve_mode("auto", "def f():\n    ") == "block"
     assert resolve_mode("auto", "x = 1\n") == "block"
     assert resolve_mode("auto", "") == "block"
+    # Right after the colon that opens a block, the completion is the body on the next lines.
+    assert resolve_mode("auto", "def f(x):") == "block"
+    assert resolve_mode("auto", "    for i in range(3):  # each row ") == "block"
+    assert resolve_mode("auto", "d = {'a':") == "line"
+    assert resolve_mode("auto", "x = y[1:") == "line"
     for mode in ("line", "block", "none"):
         assert resolve_mode(mode, "x = ") == mode
 
@@ -50,6 +55,13 @@ def test_line_mode_stops_at_the_end_of_the_line() -> None:
 
 def test_auto_mode_is_line_mode_inside_a_started_line() -> None:
     assert trim("range(10):\n    print(i)", prefix="for i in ") == "range(10):"
+
+
+def test_auto_mode_after_a_block_header_gives_the_body() -> None:
+    text = "\n    return x * 2\n\nprint(f(1))"
+    assert trim(text, prefix="def f(x):", suffix="\n") == "\n    return x * 2"
+    text = "\n        total += x\n    else:\n        total = 0"
+    assert trim(text, prefix="    if x > 0:", suffix="\n") == "\n        total += x"
 
 
 def test_block_mode_stops_at_a_dedent_below_the_starting_indentation() -> None:
