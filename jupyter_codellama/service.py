@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kernel_model import CodeLlama, ModelError, SamplingParams, load_model
+from kernel_model import ModelError, SamplingParams
 
 from .context import FimContext, build_context, plain_context
+from .engines import Engine, LocalEngine
 from .postprocess import StreamTrimmer, trim_completion
 from .protocol import CompletionRequest
 
@@ -67,14 +68,14 @@ class ModelService:
         self,
         config: ServiceConfig,
         log: logging.Logger | None = None,
-        loader: Callable[..., CodeLlama] = load_model,
+        loader: Callable[[ServiceConfig], Engine] | None = None,
     ) -> None:
         self.config = config
         self.log = log or logging.getLogger(__name__)
-        self._loader = loader
+        self._loader = loader or load_engine
         self.state = "loading"
         self.error: str | None = None
-        self.model: CodeLlama | None = None
+        self.engine: Engine | None = None
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=config.queue_size)
         self._thread = threading.Thread(target=self._work, name="codellama-model", daemon=True)
         self.current: Job | None = None
@@ -92,14 +93,12 @@ class ModelService:
             self._queue.put_nowait(None)
 
     def status(self) -> dict[str, Any]:
-        model = self.model
-        info = {
-            "name": model.name if model else self.config.model,
-            "supports_infilling": model.supports_infilling if model else None,
-            "max_context": self.prompt_window() if model else None,
-            "device": str(model.device) if model else None,
-            "dtype": str(model.dtype).removeprefix("torch.") if model else None,
-        }
+        engine = self.engine
+        info: dict[str, Any] = {"name": self.config.model, "supports_infilling": None, "max_context": None,
+                                "device": None, "dtype": None}  # fmt: skip
+        if engine is not None:
+            info.update(name=engine.name, supports_infilling=engine.supports_infilling,
+                        max_context=self.prompt_window(), **engine.describe())  # fmt: skip
         return {
             "state": self.state,
             "model": info,
@@ -119,8 +118,8 @@ class ModelService:
             raise Busy("the model is busy with other requests; try again in a moment") from exc
 
     def prompt_window(self) -> int:
-        assert self.model is not None
-        return min(self.config.max_context_tokens, self.model.max_context)
+        assert self.engine is not None
+        return min(self.config.max_context_tokens, self.engine.max_context)
 
     # -- on the worker thread ---------------------------------------------------------------------
 
@@ -145,8 +144,7 @@ class ModelService:
     def _load(self) -> bool:
         started = time.perf_counter()
         try:
-            cfg = self.config
-            self.model = self._loader(cfg.model, device=cfg.device, dtype=cfg.dtype)
+            self.engine = self._loader(self.config)
         except Exception as exc:
             self.error = str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}"
             self.state = "error"
@@ -154,17 +152,17 @@ class ModelService:
             return False
         self.state = "ready"
         self.log.info(
-            "Code Llama model %r ready on %s in %.1f s",
-            self.model.name,
-            self.model.device,
+            "Code Llama model %r ready (%s) in %.1f s",
+            self.engine.name,
+            self.engine.describe(),
             time.perf_counter() - started,
         )
         return True
 
     def _recover(self, job: Job, exc: Exception) -> None:
         self.log.exception("Code Llama request %s failed", job.id)
-        if self.model is not None:
-            self.model.prefix_cache.clear()
+        if self.engine is not None:
+            self.engine.reset()
         message = "the model failed on this request; the server log has the details"
         if "out of memory" in str(exc).lower():
             message = "the model ran out of memory on this request; try a shorter context"
@@ -172,8 +170,8 @@ class ModelService:
         job.emit({"type": "error", "message": message})
 
     def _run(self, job: Job) -> None:
-        model, request = self.model, job.request
-        assert model is not None
+        engine, request = self.engine, job.request
+        assert engine is not None
         started = time.monotonic()
         queue_ms = (started - job.enqueued) * 1000
         timings = {"queue_ms": round(queue_ms, 1), "prefill_ms": 0.0, "decode_ms": 0.0}
@@ -182,27 +180,28 @@ class ModelService:
             job.emit(final_message("", [], usage, timings, cancelled=True))
             return
         context = self._context(request)
-        prompt = self._prompt(request, context)
         deadline = job.enqueued + self.config.request_timeout
         trimmer = StreamTrimmer(mode=request.mode, prefix=context.prefix, suffix=context.suffix)
         params = SamplingParams(
             request.max_new_tokens, request.temperature, request.top_p, request.seed, request.stop, deadline
         )
-        generation = model.generate(prompt, params, job.cancel)
+        stream = engine.stream(
+            context.prefix, context.suffix, infill=request.infill, params=params, cancel=job.cancel
+        )
         shown: list[str] = []
-        for delta in generation:
+        for delta in stream:
             visible = trimmer.push(delta)
             if visible:
                 shown.append(visible)
                 job.emit({"type": "chunk", "text": visible})
             if trimmer.done:
                 break
-        generation.close()
+        stream.close()
         tail = trimmer.finish()
         if tail:
             shown.append(tail)
             job.emit({"type": "chunk", "text": tail})
-        results = [generation.result]
+        stats = [stream.stats]
         choices = ["".join(shown)]
         for index in range(1, request.n):
             if job.cancel.is_set() or time.monotonic() > deadline:
@@ -215,33 +214,33 @@ class ModelService:
                 request.stop,
                 deadline,
             )
-            extra = model.generate(prompt, extra_params, job.cancel)
-            text = trim_completion(
-                extra.text(), mode=request.mode, prefix=context.prefix, suffix=context.suffix
-            )
-            results.append(extra.result)
+            extra = engine.stream(context.prefix, context.suffix, infill=request.infill, params=extra_params,
+                                  cancel=job.cancel)  # fmt: skip
+            raw = "".join(extra)
+            text = trim_completion(raw, mode=request.mode, prefix=context.prefix, suffix=context.suffix)
+            stats.append(extra.stats)
             if text and text not in choices:
                 choices.append(text)
         usage = {
-            "prompt_tokens": len(prompt.ids),
-            "completion_tokens": sum(r.completion_tokens for r in results),
-            "cached_tokens": results[0].reused_tokens,
+            "prompt_tokens": stats[0].prompt_tokens,
+            "completion_tokens": sum(s.completion_tokens for s in stats),
+            "cached_tokens": stats[0].cached_tokens,
         }
-        timings["prefill_ms"] = round(sum(r.prefill_ms for r in results), 1)
-        timings["decode_ms"] = round(sum(r.decode_ms for r in results), 1)
+        timings["prefill_ms"] = round(sum(s.prefill_ms for s in stats), 1)
+        timings["decode_ms"] = round(sum(s.decode_ms for s in stats), 1)
         cancelled = job.cancel.is_set()
         job.emit(final_message(choices[0], choices, usage, timings, cancelled=cancelled))
 
     def _context(self, request: CompletionRequest) -> FimContext:
-        model = self.model
-        assert model is not None
+        engine = self.engine
+        assert engine is not None
         budget = self.prompt_window() - request.max_new_tokens - PROMPT_MARGIN_TOKENS
         if budget < 16:
             raise ModelError(
                 f"max_new_tokens {request.max_new_tokens} leaves no room for context in a "
                 f"{self.prompt_window()}-token window"
             )
-        count = model.tokenizer.count
+        count = engine.count_tokens
         share = self.config.prefix_share
         if request.cells is None:
             return plain_context(request.prefix, request.suffix, count_tokens=count, budget_tokens=budget,
@@ -250,16 +249,6 @@ class ModelService:
             request.cells, request.cell, request.offset, count_tokens=count, budget_tokens=budget,
             prefix_share=share, include_outputs=self.config.include_outputs,
         )  # fmt: skip
-
-    def _prompt(self, request: CompletionRequest, context: FimContext):
-        model = self.model
-        assert model is not None
-        if request.infill and model.supports_infilling:
-            # SPM: the suffix comes first, so a keystroke at the cursor changes only the prompt's
-            # tail and the prefix cache covers the rest; it also infills single lines better.
-            return model.infilling_prompt(context.prefix, context.suffix, suffix_first=True)
-        # Models without FIM pieces (Python variants, 34B) still complete from the prefix alone.
-        return model.completion_prompt(context.prefix)
 
 
 def final_message(
@@ -277,3 +266,7 @@ def empty_cuda_cache() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def load_engine(config: ServiceConfig) -> Engine:
+    return LocalEngine.load(config.model, config.device, config.dtype)

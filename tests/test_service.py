@@ -1,0 +1,82 @@
+"""The model service on its own: background loading, load failures, recovery after a failed request."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from jupyter_codellama.engines import LocalEngine
+from jupyter_codellama.protocol import CompletionRequest
+from jupyter_codellama.service import Job, ModelService, ServiceConfig
+from kernel_model import ModelError
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+async def run_job(service: ModelService, request: CompletionRequest) -> list[dict]:
+    job = Job(id="t", request=request, loop=asyncio.get_running_loop())
+    service.submit(job)
+    events = []
+    while not events or events[-1]["type"] == "chunk":
+        events.append(await asyncio.wait_for(job.events.get(), 60))
+    return events
+
+
+def test_status_goes_loading_then_ready(fim_checkpoint):
+    gate = threading.Event()
+
+    def gated_loader(config: ServiceConfig) -> LocalEngine:
+        gate.wait()
+        return LocalEngine.load(config.model, config.device, config.dtype)
+
+    service = ModelService(ServiceConfig(model=str(fim_checkpoint)), loader=gated_loader)
+    service.start()
+    status = service.status()
+    assert status["state"] == "loading" and status["model"]["name"] == str(fim_checkpoint)
+    with pytest.raises(ModelError, match="still loading"):
+        service.submit(Job(id="early", request=CompletionRequest(prefix="x"), loop=asyncio.new_event_loop()))
+    gate.set()
+    wait_for(lambda: service.status()["state"] == "ready")
+    assert service.status()["model"]["supports_infilling"] is True
+    service.stop()
+
+
+def test_a_missing_checkpoint_is_an_error_state_with_the_reason(tmp_path):
+    service = ModelService(ServiceConfig(model=str(tmp_path / "nowhere")))
+    service.start()
+    wait_for(lambda: service.status()["state"] != "loading")
+    status = service.status()
+    assert status["state"] == "error" and "not found" in status["error"]
+    with pytest.raises(ModelError, match="could not be loaded"):
+        service.submit(Job(id="x", request=CompletionRequest(prefix="x"), loop=asyncio.new_event_loop()))
+
+
+def test_a_failing_generation_is_reported_and_the_next_request_works(fim_checkpoint):
+    service = ModelService(ServiceConfig(model=str(fim_checkpoint)))
+    service.start()
+    wait_for(lambda: service.status()["state"] == "ready")
+    engine = service.engine
+    real_stream = engine.stream
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real_stream(*args, **kwargs)
+
+    engine.stream = failing_once
+    failed = asyncio.run(run_job(service, CompletionRequest(prefix="def f():\n", max_new_tokens=4)))
+    assert failed[-1] == {"type": "error", "message": failed[-1]["message"]}
+    assert "out of memory" in failed[-1]["message"] and "Tried to allocate" not in failed[-1]["message"]
+    worked = asyncio.run(run_job(service, CompletionRequest(prefix="def f():\n", max_new_tokens=4)))
+    assert worked[-1]["type"] == "done"
+    service.stop()
