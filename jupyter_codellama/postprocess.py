@@ -1,21 +1,21 @@
 """Raw model output to the ghost text JupyterLab shows: where to stop, what repeats the suffix, whitespace.
 
-Modes: "line" stops at the end of the cursor's line; "block" at the end of the block that starts at
-the cursor (a line indented less than where it started, or after a blank line a new top-level
-statement when it started at the top level; a dedented line that only closes brackets is kept, it
-ends the block); "auto" is "line" when the cursor's line already has text before the cursor and
-"block" on an empty line, or right after the colon that opens a compound statement ("def f(x):"),
-where the only useful completion is the indented body on the next lines; "none" keeps all the
-model wrote. Lines inside brackets or strings that
-the completion opened never stop it.
+Modes: "line" stops at the end of the cursor's line. "block" stops at the end of the block that
+starts at the cursor: at a line indented less than where it started, or, when it started at the top
+level, at a new top-level statement after a blank line; a dedented line that only closes brackets
+ends the block but belongs to it; after a block header's colon ("def f(x):") the block is the body.
+"auto" is "line" when the cursor's line already has text before the cursor, and "block" on an empty
+line or right after a block header's colon, where the only useful completion is the indented body.
+"none" keeps all the model wrote. Lines inside brackets or strings the completion opened never stop
+it.
 
 In every mode, text that only repeats what already follows the cursor is dropped: the completion
 stops before a line equal to the first non-blank line of the suffix, and a tail that equals the
 start of the suffix (a closing bracket the editor already inserted, the rest of the line) is cut.
 It also stops before a `# %%` line: that is how the notebook prompt marks a cell boundary, so the
-model writing one has moved on to a cell of its own.
-Trailing spaces and trailing blank lines go; a final newline is kept in "block" and "none" mode
-only when the suffix continues on the cursor's line, where it moves that text to a line of its own.
+model writing one has moved on to a cell of its own. Trailing spaces and trailing blank lines go; a
+final newline is kept in "block" and "none" mode only when the suffix continues on the cursor's
+line, where it moves that text to a line of its own.
 
 `StreamTrimmer` is the same function applied while tokens arrive: what it emits is never taken back,
 and what it emits plus `finish()` always equals `trim_completion` of the whole text.
@@ -44,7 +44,10 @@ _QUOTES = "'\""
 
 
 def resolve_mode(mode: str, prefix: str) -> Mode:
-    """The mode to apply: "auto" becomes "line" or "block" by the text before the cursor on its line."""
+    """The mode to apply: "auto" becomes "line" or "block" by the text before the cursor on its line.
+
+    Raises ValueError for a mode that is not one of MODES.
+    """
     if mode not in MODES:
         raise ValueError(f"Unknown completion mode {mode!r}; expected one of {', '.join(MODES)}.")
     if mode != "auto":
@@ -312,7 +315,7 @@ def _possible_overlap_start(text: str, suffix: str) -> int:
     """The earliest index from which text could still end up as a start of the suffix."""
     if not suffix:
         return len(text)
-    i = text.find(suffix[0])
+    i = text.find(suffix[0], max(0, len(text) - len(suffix)))  # a longer tail cannot fit in the suffix
     while i != -1:
         if suffix.startswith(text[i:]):
             return i
