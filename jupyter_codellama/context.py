@@ -804,9 +804,8 @@ def _header(
         (need for need in needed if not is_kept(need)),
         key=lambda need: (need.depth, need.unit.kind != "import", -need.cell, -need.unit.start),
     )
-    used = count(CELL_MARKER + "\n") + 2 * count(
-        "\n"
-    )  # the marker, a blank line after imports and at the end
+    # The marker, then a blank line after the imports and one at the end.
+    used = count(CELL_MARKER + "\n") + 2 * count("\n")
     chosen: list[tuple[_Need, str]] = []
     for need in missing:
         if need.parents and not need.parents & shown:
