@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ class LocalEngine:
         self.name = model.name
         self.supports_infilling = model.supports_infilling
         self.max_context = model.max_context
+        # Unchanged cells give the context builder identical strings on every keystroke.
+        self._count = functools.lru_cache(maxsize=8192)(model.tokenizer.count)
 
     @classmethod
     def load(cls, model: str, device: str, dtype: str) -> LocalEngine:
@@ -81,7 +84,7 @@ class LocalEngine:
         return {"device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch.")}
 
     def count_tokens(self, text: str) -> int:
-        return self.model.tokenizer.count(text)
+        return self._count(text)
 
     def stream(
         self, prefix: str, suffix: str, *, infill: bool, params: SamplingParams, cancel: threading.Event

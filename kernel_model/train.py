@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,12 +77,15 @@ def loss_on(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
 
 def train(
     cfg: TrainConfig,
-    batches: Iterator[torch.Tensor],
+    make_batches: Callable[[int], Iterator[torch.Tensor]],
     tokenizer_file: Path,
     out: Path,
     device: torch.device,
 ) -> Path:
-    """Run (or resume) training in `out`; returns the exported model folder."""
+    """Run (or resume) training in `out`; `make_batches(k)` yields the stream from batch k on.
+
+    Returns the exported model folder.
+    """
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(tokenizer_file)
     if not tokenizer.supports_infilling:
@@ -102,8 +105,7 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
-        for _ in range(state["batches_seen"]):  # the data stream is a pure function of the seed
-            next(batches)
+    batches = make_batches(step)  # the data stream is a pure function of the seed: resume mid-stream
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     forward = torch.compile(model) if cfg.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -155,8 +157,7 @@ def init_weights(model: Transformer, args: ModelArgs) -> None:
 
 def save_state(path: Path, model: Transformer, optimizer: torch.optim.Optimizer, step: int) -> None:
     temporary = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "batches_seen": step}, temporary)  # fmt: skip
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, temporary)
     os.replace(temporary, path)  # a crash mid-save never leaves a broken state behind
 
 
@@ -189,8 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(options.device)
-    stream = batches(options.tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
-    folder = train(cfg, stream, options.tokenizer, options.out, device)
+
+    def make_batches(start: int) -> Iterator[torch.Tensor]:
+        return batches(options.tokens, cfg.seq_len, cfg.batch_size, cfg.seed, start=start)
+
+    folder = train(cfg, make_batches, options.tokenizer, options.out, device)
     print(f"exported {folder}")
     return 0
 

@@ -21,7 +21,11 @@ def test_steps_lower_the_loss_and_export_loads(tmp_path, codellama_tokenizer_fil
     cfg = TrainConfig(dim=32, layers=1, heads=2, seq_len=32, batch_size=2, steps=12, warmup_steps=2,
                       learning_rate=1e-2, log_every=1, save_every=100)  # fmt: skip
     folder = train(
-        cfg, repeating_batches(32016, 32, 2), codellama_tokenizer_file, tmp_path / "run", torch.device("cpu")
+        cfg,
+        lambda start: repeating_batches(32016, 32, 2),
+        codellama_tokenizer_file,
+        tmp_path / "run",
+        torch.device("cpu"),
     )
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
@@ -36,9 +40,17 @@ def test_a_run_resumes_where_it_stopped(tmp_path, codellama_tokenizer_file):
     cfg = TrainConfig(dim=32, layers=1, heads=2, seq_len=16, batch_size=2, steps=4, warmup_steps=1,
                       log_every=1, save_every=2)  # fmt: skip
     run = tmp_path / "run"
-    train(cfg, repeating_batches(32016, 16, 2), codellama_tokenizer_file, run, torch.device("cpu"))
+    train(
+        cfg, lambda start: repeating_batches(32016, 16, 2), codellama_tokenizer_file, run, torch.device("cpu")
+    )
     longer = TrainConfig(**{**cfg.__dict__, "steps": 6})
-    train(longer, repeating_batches(32016, 16, 2), codellama_tokenizer_file, run, torch.device("cpu"))
+    train(
+        longer,
+        lambda start: repeating_batches(32016, 16, 2),
+        codellama_tokenizer_file,
+        run,
+        torch.device("cpu"),
+    )
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
