@@ -471,10 +471,14 @@ def generated_reason(text: str, cfg: FilterConfig) -> str | None:
     nonblank = [line for line in lines if line.strip()]
     if nonblank and sum(len(line) for line in nonblank) / len(nonblank) > cfg.max_mean_line_chars:
         return "long-mean-line"
-    if len(nonblank) >= cfg.table_min_lines:
+    # Comment-only lines are neither code nor data; counting them as data dropped well-commented modules.
+    lines_of_code = [line for line in nonblank if not line.lstrip().startswith("#")]
+    if len(lines_of_code) >= cfg.table_min_lines:
         # A "data line" is one that is nothing but literals and punctuation once literals are removed.
-        data = sum(1 for line in nonblank if not _NON_DATA.sub("", _LITERAL_RE.sub("", line).split("#")[0]))
-        if data / len(nonblank) > cfg.table_line_fraction:
+        data = sum(
+            1 for line in lines_of_code if not _NON_DATA.sub("", _LITERAL_RE.sub("", line).split("#")[0])
+        )
+        if data / len(lines_of_code) > cfg.table_line_fraction:
             return "literal-table"
     return None
 

@@ -315,6 +315,8 @@ def test_generated_reasons() -> None:
     assert corpus.generated_reason("x = '" + "a" * 3000 + "'\n", cfg) == "long-line"
     table = "T = {\n" + "    'key': (1, 2.5, -3),\n" * 250 + "}\n"
     assert corpus.generated_reason(table, cfg) == "literal-table"
+    commented = "".join(f"# note {i}: why the next line matters\nx{i} = f(y, z)\n" for i in range(300))
+    assert corpus.generated_reason(commented, cfg) is None  # comments are not data
     names = "__all__ = [\n" + "    name_one, name_two,\n" * 250 + "]\n"
     assert corpus.generated_reason(names, cfg) is None  # identifiers are code, not data
 
