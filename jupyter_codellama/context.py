@@ -53,6 +53,14 @@ HEADER_SHARE = 0.25
 ASSIGN_MAX_LINES = 3
 # The depth given to imports that only the neighbouring cells use: after everything the cursor uses.
 AROUND_DEPTH = 1000
+# Llama's longest pieces are 16 characters, so text further than 16 characters per budget token from
+# the cursor can never be kept. It is dropped before anything is tokenized: a multi-megabyte line or
+# cell then costs one window's worth of tokenizing, not seconds of the model's thread.
+MAX_CHARS_PER_TOKEN = 16
+# Definitions are gathered from cells up to this size (about 2,500 lines); bigger ones cost more to
+# parse than their definitions are worth. Cells up to the second size are remembered between requests.
+UNITS_MAX_CHARS = 100_000
+UNITS_CACHE_MAX_CHARS = 10_000
 
 # Cell magics whose body is still Python; any other cell magic (%%bash, %%html, %%sql, ...) holds
 # another language, which is commented out whole.
@@ -121,7 +129,7 @@ def cells_from_json(notebook: Mapping[str, Any]) -> list[Cell]:
         cell_type = raw.get("cell_type")
         if cell_type not in CELL_TYPES:
             raise ValueError(
-                f"Cell {index} has cell_type {cell_type!r}; expected 'code', 'markdown' or 'raw'."
+                f"Cell {index} has cell_type {_brief(cell_type)}; expected 'code', 'markdown' or 'raw'."
             )
         if "source" not in raw:
             raise ValueError(f"Cell {index} has no 'source'.")
@@ -129,6 +137,13 @@ def cells_from_json(notebook: Mapping[str, Any]) -> list[Cell]:
         outputs = _outputs(raw.get("outputs", []), index) if cell_type == "code" else ()
         cells.append(Cell(cell_type, source, outputs))
     return cells
+
+
+def _brief(value: object) -> str:
+    """A client's value quoted in an error message: short strings as they are, anything else by type."""
+    if isinstance(value, str) and len(value) <= 40:
+        return repr(value)
+    return "a string" if isinstance(value, str) else type(value).__name__
 
 
 def _multiline(value: object, what: str) -> str:
@@ -313,7 +328,13 @@ class _Side:
                 if block is None:
                     self.exhausted = True
                     return
-                cost = self._count(block.render(len(block.lines)))
+                whole = block.render(len(block.lines))
+                # Text this long cannot fit what is left: not worth tokenizing (it may be megabytes).
+                cost = (
+                    budget + 1
+                    if len(whole) > (budget - self.used) * MAX_CHARS_PER_TOKEN
+                    else self._count(whole)
+                )
                 if self.used + cost <= budget:
                     self.used += cost
                     self.whole.append(block)
@@ -323,6 +344,8 @@ class _Side:
             n = len(block.lines)
             while self._taken < n:
                 line = block.lines[n - 1 - self._taken] if block.from_end else block.lines[self._taken]
+                if self._taken >= block.pinned and len(line) > (budget - self.used) * MAX_CHARS_PER_TOKEN:
+                    return
                 cost = self._count(line) + (self._count(block.head) if self._taken == 0 else 0)
                 if self._taken >= block.pinned and self.used + cost > budget:
                     return
@@ -398,7 +421,14 @@ def _cursor_blocks(
     total = prefix_budget + suffix_budget
     head_cost = count(head)
     near_before, near_after = before_lines[-1], after_lines[0] if after_lines else ""
-    cut = False
+    # Characters further from the cursor than this cannot fit: dropped before anything is tokenized.
+    limit = total * MAX_CHARS_PER_TOKEN
+    cut = len(near_before) > limit or len(near_after) > limit
+    if cut:
+        near_before = before_lines[-1] = near_before[max(len(near_before) - limit, 0) :]
+        near_after = near_after[:limit]
+        if after_lines:
+            after_lines[0] = near_after
     if head_cost + count(near_before) + count(near_after) > total:
         cut = True
         allowance = max(prefix_budget, total - count(near_after)) - head_cost
@@ -499,13 +529,32 @@ def _parse(code: str) -> ast.Module | None:
         return None
 
 
-@functools.lru_cache(maxsize=4096)
 def _units(code: str) -> tuple[_Unit, ...]:
+    """The units of a cell's pythonized code; none for a cell too large to parse on every request.
+
+    Parsing holds the GIL (a megabyte of code stalls the server's event loop for seconds), and the
+    cache keeps only small cells, so that it holds at most its size times UNITS_CACHE_MAX_CHARS
+    characters whatever clients send.
+    """
+    if len(code) > UNITS_MAX_CHARS:
+        return ()
+    if len(code) > UNITS_CACHE_MAX_CHARS:
+        return _parse_units(code)
+    return _cached_units(code)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_units(code: str) -> tuple[_Unit, ...]:
+    return _parse_units(code)
+
+
+def _parse_units(code: str) -> tuple[_Unit, ...]:
     """The units of a cell's pythonized code.
 
-    Cached by text: on every keystroke the same unchanged cells are read again. A cell that does
-    not parse (notebooks are often mid-edit) is split into top-level statements by a line heuristic
-    and each statement is parsed on its own; a def that still does not parse is read by pattern.
+    Small cells are cached by text (see `_units`): on every keystroke the same unchanged cells are
+    read again. A cell that does not parse (notebooks are often mid-edit) is split into top-level
+    statements by a line heuristic and each statement is parsed on its own; a def that still does
+    not parse is read by pattern.
     """
     lines = code.split("\n")
     tree = _parse(code)
@@ -813,6 +862,8 @@ def _header(
         for text in (need.unit.text, *need.unit.stubs):
             if need.unit.kind == "def":
                 text += "\n"  # a blank line after a definition, as in any Python file
+            if len(text) > (budget - used) * MAX_CHARS_PER_TOKEN:
+                continue  # cannot fit: not worth tokenizing
             if used + count(text) <= budget:
                 used += count(text)
                 chosen.append((need, text))
