@@ -18,6 +18,7 @@ class StreamStats:
     cached_tokens: int = 0  # prompt tokens whose keys/values were reused
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    finish_reason: str = ""  # "end", "stop", "length", "deadline", "cancelled" or "closed"
 
 
 class CompletionStream(Protocol):
@@ -62,7 +63,7 @@ class LocalStream:
     def stats(self) -> StreamStats:
         result = self.generation.result
         return StreamStats(result.prompt_tokens, result.completion_tokens, result.reused_tokens,
-                           result.prefill_ms, result.decode_ms)  # fmt: skip
+                           result.prefill_ms, result.decode_ms, result.finish_reason)  # fmt: skip
 
 
 class LocalEngine:

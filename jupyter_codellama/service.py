@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +24,17 @@ from .context import FimContext, build_context, plain_context
 from .engines import Engine, LocalEngine
 from .postprocess import StreamTrimmer, trim_completion
 from .protocol import CompletionRequest
+from .remote import OpenAIEngine, RemoteConfig
 
 # Room kept free in the window for the FIM pieces and sentencepiece's small disagreements between
 # the token counts of pieces and of their concatenation.
 PROMPT_MARGIN_TOKENS = 16
 # Extra candidates for a manual invoke are sampled, so they differ from the greedy first one.
 CANDIDATE_TEMPERATURE = 0.7
+# How long past its deadline a client still waits for the worker before it is told the model is stuck
+# (an engine that ignores the deadline, a prefill far slower than planned): at most this, and at most
+# the timeout itself, so a client always hears back within twice the timeout.
+WATCHDOG_GRACE_MAX_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class ServiceConfig:
     queue_size: int = 16
     prefix_share: float = 0.75
     include_outputs: bool = False
+    backend: str = "local"  # 'local' (kernel_model here) or 'openai' (a server, configured by `remote`)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
 class Busy(Exception):
@@ -57,10 +65,24 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
+    answer_by: float = math.inf  # set by `submit`: when the client stops waiting for the worker
 
     def emit(self, event: dict[str, Any]) -> None:
         with contextlib.suppress(RuntimeError):  # a closed loop: the server is shutting down
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    async def next_event(self) -> dict[str, Any]:
+        """The next event, or an error once the worker is past `answer_by` (a hung engine, say)."""
+        if not self.events.empty():
+            return self.events.get_nowait()
+        timeout = None if self.answer_by == math.inf else max(self.answer_by - time.monotonic(), 0.0)
+        try:
+            return await asyncio.wait_for(self.events.get(), timeout)
+        except asyncio.TimeoutError:
+            self.cancel.set()  # the worker drops the job whenever it gets back to it
+            logging.getLogger(__name__).warning("Code Llama request %s got no answer in time", self.id)
+            waited = self.answer_by - self.enqueued
+            return {"type": "error", "message": f"the model did not answer within {waited:.0f} seconds"}
 
 
 class ModelService:
@@ -72,7 +94,7 @@ class ModelService:
     ) -> None:
         self.config = config
         self.log = log or logging.getLogger(__name__)
-        self._loader = loader or load_engine
+        self._loader = loader or (lambda config: load_engine(config, self.log))
         self.state = "loading"
         self.error: str | None = None
         self.engine: Engine | None = None
@@ -89,6 +111,9 @@ class ModelService:
     def stop(self) -> None:
         if self.current is not None:
             self.current.cancel.set()
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)
 
@@ -99,10 +124,15 @@ class ModelService:
         if engine is not None:
             info.update(name=engine.name, supports_infilling=engine.supports_infilling,
                         max_context=self.prompt_window(), **engine.describe())  # fmt: skip
+            # Code Llama - Instruct checkpoints are named so; the magic then uses the [INST] format.
+            info["instruct"] = "instruct" in engine.name.lower()
+        state, error = self.state, self.error
+        if state == "ready" and (unavailable := engine_unavailable(engine)):
+            state, error = "error", unavailable
         return {
-            "state": self.state,
+            "state": state,
             "model": info,
-            "error": self.error,
+            "error": error,
             "busy": self.current is not None,
             "queued": self._queue.qsize(),
         }
@@ -112,6 +142,14 @@ class ModelService:
             raise ModelError("the model is still loading; try again in a moment")
         if self.state == "error":
             raise ModelError(f"the model could not be loaded: {self.error}")
+        if unavailable := engine_unavailable(self.engine):
+            raise ModelError(f"the model is unavailable: {unavailable}")
+        current = self.current
+        if current is not None and time.monotonic() > current.answer_by:
+            # Queueing behind a stuck request would only make this one time out too.
+            raise ModelError("the model has stopped answering; the server log may say why")
+        timeout = self.config.request_timeout
+        job.answer_by = job.enqueued + timeout + min(timeout, WATCHDOG_GRACE_MAX_S)
         try:
             self._queue.put_nowait(job)
         except queue.Full as exc:
@@ -181,6 +219,9 @@ class ModelService:
             return
         context = self._context(request)
         deadline = job.enqueued + self.config.request_timeout
+        if time.monotonic() > deadline:  # the queue and the context took all the time: skip the prefill
+            job.emit({**final_message("", [], usage, timings), "finish_reason": "deadline"})
+            return
         trimmer = StreamTrimmer(mode=request.mode, prefix=context.prefix, suffix=context.suffix)
         params = SamplingParams(
             request.max_new_tokens, request.temperature, request.top_p, request.seed, request.stop, deadline
@@ -189,14 +230,16 @@ class ModelService:
             context.prefix, context.suffix, infill=request.infill, params=params, cancel=job.cancel
         )
         shown: list[str] = []
-        for delta in stream:
-            visible = trimmer.push(delta)
-            if visible:
-                shown.append(visible)
-                job.emit({"type": "chunk", "text": visible})
-            if trimmer.done:
-                break
-        stream.close()
+        try:
+            for delta in until_stopped(stream, job, deadline):
+                visible = trimmer.push(delta)
+                if visible:
+                    shown.append(visible)
+                    job.emit({"type": "chunk", "text": visible})
+                if trimmer.done:
+                    break
+        finally:
+            stream.close()  # also on a failure: a suspended generation would hold the model's lock
         tail = trimmer.finish()
         if tail:
             shown.append(tail)
@@ -216,7 +259,10 @@ class ModelService:
             )
             extra = engine.stream(context.prefix, context.suffix, infill=request.infill, params=extra_params,
                                   cancel=job.cancel)  # fmt: skip
-            raw = "".join(extra)
+            try:
+                raw = "".join(until_stopped(extra, job, deadline))
+            finally:
+                extra.close()
             text = trim_completion(raw, mode=request.mode, prefix=context.prefix, suffix=context.suffix)
             stats.append(extra.stats)
             if text and text not in choices:
@@ -228,8 +274,10 @@ class ModelService:
         }
         timings["prefill_ms"] = round(sum(s.prefill_ms for s in stats), 1)
         timings["decode_ms"] = round(sum(s.decode_ms for s in stats), 1)
-        cancelled = job.cancel.is_set()
-        job.emit(final_message(choices[0], choices, usage, timings, cancelled=cancelled))
+        message = final_message(choices[0], choices, usage, timings, cancelled=job.cancel.is_set())
+        # Why the text ended: a client can tell a deadline ("deadline") from a natural end.
+        message["finish_reason"] = "mode" if trimmer.done else stats[0].finish_reason
+        job.emit(message)
 
     def _context(self, request: CompletionRequest) -> FimContext:
         engine = self.engine
@@ -242,6 +290,14 @@ class ModelService:
             )
         count = engine.count_tokens
         share = self.config.prefix_share
+        if not request.infill:
+            # A whole prompt (e.g. an Instruct chat) cannot lose its beginning: refuse rather than cut.
+            used = count(request.prefix)
+            if used > budget:
+                raise ModelError(
+                    f"the prompt has {used} tokens; this server's window leaves room for {budget}"
+                )
+            return FimContext(request.prefix, "", 0, 0, truncated=False)
         if request.cells is None:
             return plain_context(request.prefix, request.suffix, count_tokens=count, budget_tokens=budget,
                                  prefix_share=share)  # fmt: skip
@@ -249,6 +305,14 @@ class ModelService:
             request.cells, request.cell, request.offset, count_tokens=count, budget_tokens=budget,
             prefix_share=share, include_outputs=self.config.include_outputs,
         )  # fmt: skip
+
+
+def until_stopped(stream: Iterator[str], job: Job, deadline: float) -> Iterator[str]:
+    """The stream's deltas until the job is cancelled or its deadline passes, whatever the engine does."""
+    for delta in stream:
+        yield delta
+        if job.cancel.is_set() or time.monotonic() > deadline:
+            return
 
 
 def final_message(
@@ -268,5 +332,14 @@ def empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def load_engine(config: ServiceConfig) -> Engine:
+def engine_unavailable(engine: Engine | None) -> str | None:
+    """Why a loaded engine cannot serve now (a remote server that stopped answering), else None."""
+    return getattr(engine, "unavailable", None)
+
+
+def load_engine(config: ServiceConfig, log: logging.Logger | None = None) -> Engine:
+    if config.backend == "openai":
+        return OpenAIEngine.connect(config.remote, log)
+    if config.backend != "local":
+        raise ModelError(f"unknown backend {config.backend!r}; use 'local' or 'openai'")
     return LocalEngine.load(config.model, config.device, config.dtype)

@@ -27,7 +27,7 @@ from jupyter_codellama.magic_display import MIME_TYPE, Answer
 from jupyter_codellama.magic_prompt import CHARS_PER_TOKEN, MARGIN_TOKENS, build_prompt
 
 REPO = Path(__file__).resolve().parents[1]
-LOAD = "%load_ext jupyter_codellama.magic"
+LOAD = "%load_ext jupyter_codellama"
 ANSWER_KEYS = {"code", "done", "cancelled", "tokens", "tokens_per_second", "model", "request_id"}
 BASE = ModelInfo("CodeLlama-7b-hf", supports_infilling=True, max_context=4096)
 INSTRUCT = ModelInfo("CodeLlama-7b-Instruct-hf", supports_infilling=True, max_context=4096)

@@ -95,6 +95,7 @@ async def test_bad_requests_get_one_clear_sentence(jp_fetch):
         ({"prefix": "x", "max_new_tokens": -1}, "max_new_tokens"),
         ({"prefix": "x", "mode": "paragraph"}, "'mode' must be one of"),
         ({"notebook": NOTEBOOK, "cell": 9, "offset": 0}, "'cell' must be between"),
+        ({"prefix": "[INST] " + "word " * 5000, "infill": False}, "window leaves room"),
     ]:
         with pytest.raises(HTTPClientError) as error:
             await jp_fetch(
@@ -115,6 +116,7 @@ async def test_websocket_chunks_add_up_to_done(jp_fetch, jp_ws_fetch):
     await ws.write_message(json.dumps({**request, "mode": "none"}))
     chunks, final = await receive_until_final(ws, "r1")
     assert final["type"] == "done" and "cancelled" not in final
+    assert final["finish_reason"] in ("end", "length", "mode")
     assert "".join(chunks) == final["text"]
     ws.close()
 
