@@ -396,14 +396,3 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--output", default=None, help="write per-task results as JSONL here")
     p.set_defaults(func=_cmd_humaneval_infill)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernel_model.evaluation")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

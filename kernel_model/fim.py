@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import random
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -245,14 +244,3 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--spm-rate", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=1, help="passes, each with fresh FIM draws")
     p.set_defaults(func=_cmd_tokenize_corpus)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernel_model.fim")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,10 +12,9 @@ import argparse
 import json
 import os
 import struct
-import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece
@@ -267,14 +266,3 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input-sentence-size", type=int, default=None, help="lines sampled for training")
     p.add_argument("--count-manifest", action="store_true", help="write exact token counts to the manifest")
     p.set_defaults(func=_cmd_train_tokenizer)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernel_model.vocab")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

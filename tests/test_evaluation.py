@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kernel_model import evaluation
+from kernel_model.__main__ import main as cli
 
 # Two problems in HumanEval's format; the second has a blank line inside its solution.
 PROBLEMS = [
@@ -214,15 +215,13 @@ def test_model_without_infilling_is_refused(data_file: Path, monkeypatch: pytest
 
 
 def test_cli_baselines(data_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        evaluation.main(["eval", "humaneval-infill", "--baseline", "oracle", "--data", str(data_file)]) == 0
-    )
+    assert cli(["eval", "humaneval-infill", "--baseline", "oracle", "--data", str(data_file)]) == 0
     oracle = json.loads(capsys.readouterr().out)
     assert oracle["pass@1"] == 1.0 and oracle["exact_match"] == 1.0
     args = ["eval", "humaneval-infill", "--baseline", "pass", "--data", str(data_file), "--mode", "spm"]
-    assert evaluation.main([*args, "--limit", "4"]) == 0
+    assert cli([*args, "--limit", "4"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"mode", "tasks", "pass@1", "exact_match", "model", "seconds"} <= result.keys()
     assert result["tasks"] == 4 and result["mode"] == "spm" and result["exact_match"] == 0.0
     # Without a model or a baseline there is nothing to score.
-    assert evaluation.main(["eval", "humaneval-infill", "--data", str(data_file)]) == 2
+    assert cli(["eval", "humaneval-infill", "--data", str(data_file)]) == 2
