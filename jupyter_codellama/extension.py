@@ -6,7 +6,7 @@ import os
 import secrets
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Float, Int, Unicode, default, validate
+from traitlets import Bool, Float, Int, TraitError, Unicode, default, validate
 
 from .handlers import handlers
 from .protocol import Limits
@@ -44,6 +44,42 @@ class CodeLlamaExtension(ExtensionApp):
         config=True
     )
     include_outputs = Bool(False, help="Show cell outputs to the model as comments.").tag(config=True)
+    max_message_bytes = Int(
+        4 << 20,
+        help="Largest request accepted, in bytes of JSON (a notebook's text is most of it); larger ones "
+        "are refused with an error.",
+    ).tag(config=True)
+    max_notebook_cells = Int(5000, help="Most cells a notebook sent for completion may have.").tag(
+        config=True
+    )
+    max_notebook_chars = Int(
+        2_000_000,
+        help="Most characters of text (sources and outputs) a notebook sent for completion may have.",
+    ).tag(config=True)
+    max_requests_per_connection = Int(
+        4, help="Requests one browser tab (websocket) may have running at once; keep it below queue_size."
+    ).tag(config=True)
+
+    @validate(
+        "max_context_tokens",
+        "max_new_tokens",
+        "max_candidates",
+        "queue_size",
+        "max_message_bytes",
+        "max_notebook_cells",
+        "max_notebook_chars",
+        "max_requests_per_connection",
+    )
+    def _check_positive(self, proposal: dict) -> int:
+        if proposal["value"] < 1:
+            raise TraitError(f"{proposal['trait'].name} must be at least 1, not {proposal['value']}")
+        return proposal["value"]
+
+    @validate("request_timeout")
+    def _check_timeout(self, proposal: dict) -> float:
+        if not proposal["value"] > 0:
+            raise TraitError(f"request_timeout must be more than 0 seconds, not {proposal['value']}")
+        return proposal["value"]
 
     @default("model")
     def _default_model(self) -> str:
@@ -75,7 +111,14 @@ class CodeLlamaExtension(ExtensionApp):
         self.announce_url()
         self.settings.update(
             codellama_service=self.service,
-            codellama_limits=Limits(max_new_tokens=self.max_new_tokens, max_candidates=self.max_candidates),
+            codellama_limits=Limits(
+                max_new_tokens=self.max_new_tokens,
+                max_candidates=self.max_candidates,
+                max_message_bytes=self.max_message_bytes,
+                max_cells=self.max_notebook_cells,
+                max_notebook_chars=self.max_notebook_chars,
+                max_in_flight=self.max_requests_per_connection,
+            ),
             codellama_kernel_key=kernel_key,
         )
 

@@ -2,13 +2,16 @@
 
 Browser requests go through the Jupyter server's identity provider (token or cookie), XSRF check
 on POST and Origin check on the websocket. Kernels started by this server may instead present the
-per-server key the extension put into their environment (`X-CodeLlama-Key`).
+per-server key the extension put into their environment (`X-CodeLlama-Key`); a request that carries
+it must not come from a browser (no Origin header) and must name a host this server accepts.
+
+Whatever a client sends, it gets one answer per message: a result, or an error of one sentence.
+Unexpected failures are logged here with their traceback and reach the client only as a sentence.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 from typing import Any
@@ -23,14 +26,27 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from kernel_model import ModelError
 
-from .protocol import ProtocolError, decode_message, parse_completion, request_id
+from .protocol import (
+    MAX_ID_LENGTH,
+    Limits,
+    MessageTooLarge,
+    ProtocolError,
+    decode_message,
+    parse_completion,
+    request_id,
+)
 from .service import Busy, Job, ModelService
 
 AUTH_RESOURCE = "codellama"
 KEY_HEADER = "X-CodeLlama-Key"
 KERNEL_USER = User(username="codellama-kernel", name="Code Llama kernel client")
-# Fewer than the service's queue: one tab cannot take every place in it.
-MAX_IN_FLIGHT_PER_CONNECTION = 4
+UNEXPECTED = "the server could not handle this request; its log has the details"
+# Messages up to this multiple of the size limit are read and refused with an error, the socket kept
+# open; tornado closes the connection (1009) on larger ones before buffering them.
+WS_READ_FACTOR = 4
+# Replies a client has not read yet (bytes): a client that sends but never reads is disconnected
+# rather than left to grow the server's write buffer without end.
+MAX_UNSENT_BYTES = 8 << 20
 
 
 class KernelKeyMixin:
@@ -44,6 +60,9 @@ class KernelKeyMixin:
         key = handler.settings.get("codellama_kernel_key", "")
         if not key or not hmac.compare_digest(offered.encode(), key.encode()) or not handler.check_host():
             raise web.HTTPError(403)
+        if handler.request.headers.get("Origin") is not None:
+            # Kernels are not browsers: a page that somehow learned the key still cannot use it.
+            raise web.HTTPError(403)
         handler.current_user = handler._jupyter_current_user = KERNEL_USER
         return None
 
@@ -54,6 +73,10 @@ class CodeLlamaAPIHandler(KernelKeyMixin, APIHandler):
     @property
     def service(self) -> ModelService:
         return self.settings["codellama_service"]
+
+    @property
+    def limits(self) -> Limits:
+        return self.settings["codellama_limits"]
 
     def reply_error(self, status: int, message: str) -> None:
         self.set_status(status)
@@ -68,31 +91,43 @@ class StatusHandler(CodeLlamaAPIHandler):
 
 
 class CompleteHandler(CodeLlamaAPIHandler):
+    job: Job | None = None
+
     @web.authenticated
     @authorized("execute")
     async def post(self) -> None:
         try:
-            request = parse_completion(decode_message(self.request.body), self.settings["codellama_limits"])
+            body = decode_message(self.request.body, self.limits.max_message_bytes)
+            request = parse_completion(body, self.limits)
+        except MessageTooLarge as exc:
+            return self.reply_error(413, str(exc))
         except ProtocolError as exc:
             return self.reply_error(400, str(exc))
-        job = Job(id="rest", request=request, loop=asyncio.get_running_loop())
+        except Exception:
+            self.log.exception("Code Llama: unexpected failure reading a completion request")
+            return self.reply_error(500, UNEXPECTED)
+        self.job = job = Job(id="rest", request=request, loop=asyncio.get_running_loop())
         try:
             self.service.submit(job)
-        except Busy as exc:
-            return self.reply_error(503, str(exc))
-        except ModelError as exc:
+        except (Busy, ModelError) as exc:
             return self.reply_error(503, str(exc))
         try:
             while True:
-                event = await job.events.get()
+                event = await job.next_event()
                 if event["type"] == "error":
                     return self.reply_error(400, event["message"])
                 if event["type"] == "done":
                     event.pop("type")
                     return self.finish(event)
         except asyncio.CancelledError:
-            job.cancel.set()  # the client went away
+            job.cancel.set()
             raise
+
+    def on_connection_close(self) -> None:
+        # The client went away (tornado does not cancel the coroutine): free the worker at once.
+        if self.job is not None:
+            self.job.cancel.set()
+        super().on_connection_close()
 
 
 class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, JupyterHandler):
@@ -107,6 +142,14 @@ class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, Jupyter
     def service(self) -> ModelService:
         return self.settings["codellama_service"]
 
+    @property
+    def limits(self) -> Limits:
+        return self.settings["codellama_limits"]
+
+    @property
+    def max_message_size(self) -> int:
+        return WS_READ_FACTOR * self.limits.max_message_bytes
+
     @ws_authenticated
     async def get(self, *args: Any, **kwargs: Any) -> None:
         allowed = await ensure_async(
@@ -120,13 +163,16 @@ class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, Jupyter
         super().open(*args, **kwargs)
         self.jobs: dict[str, Job] = {}
         self.forwarders: set[asyncio.Task] = set()
+        self.unsent = 0  # bytes written but not yet flushed to the client
 
     def on_message(self, message: str | bytes) -> None:
         reply_id = None
         try:
-            body = decode_message(message)
+            body = decode_message(message, self.limits.max_message_bytes)
             kind = body.get("type")
-            reply_id = body.get("id") if isinstance(body.get("id"), str) else None
+            given_id = body.get("id")
+            if isinstance(given_id, str) and len(given_id) <= MAX_ID_LENGTH:
+                reply_id = given_id
             if kind == "cancel":
                 job = self.jobs.get(request_id(body))
                 if job is not None:
@@ -135,18 +181,26 @@ class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, Jupyter
                 self.start(request_id(body), body)
             else:
                 raise ProtocolError("'type' must be 'complete' or 'cancel'")
-        except (ProtocolError, ModelError, Busy) as exc:
+        except Busy as exc:
+            self.send({"type": "error", "id": reply_id, "message": str(exc), "busy": True})
+        except (ProtocolError, ModelError) as exc:
             self.send({"type": "error", "id": reply_id, "message": str(exc)})
+        except Exception:
+            # Tornado would close the socket on an exception escaping on_message: answer instead.
+            self.log.exception("Code Llama: unexpected failure on a websocket message")
+            self.send({"type": "error", "id": reply_id, "message": UNEXPECTED})
 
     def start(self, job_id: str, body: dict[str, Any]) -> None:
         if job_id in self.jobs:
             raise ProtocolError(f"a request with id {job_id!r} is still running")
-        request = parse_completion(body, self.settings["codellama_limits"])
+        request = parse_completion(body, self.limits)
         for older in self.jobs.values():
             if older.request.target == request.target:
                 older.cancel.set()  # the user typed on: the older suggestion is stale
-        if len([j for j in self.jobs.values() if not j.cancel.is_set()]) >= MAX_IN_FLIGHT_PER_CONNECTION:
-            raise Busy(f"at most {MAX_IN_FLIGHT_PER_CONNECTION} requests may run at once per connection")
+        # Fewer than the service's queue holds: one tab cannot take every place in it.
+        cap = self.limits.max_in_flight
+        if len([j for j in self.jobs.values() if not j.cancel.is_set()]) >= cap:
+            raise Busy(f"at most {cap} requests may run at once on one connection")
         job = Job(id=job_id, request=request, loop=asyncio.get_running_loop())
         self.service.submit(job)
         self.jobs[job_id] = job
@@ -157,7 +211,7 @@ class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, Jupyter
     async def forward(self, job: Job) -> None:
         try:
             while True:
-                event = await job.events.get()
+                event = await job.next_event()
                 self.send({**event, "id": job.id})
                 if event["type"] != "chunk":
                     return
@@ -165,8 +219,24 @@ class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, Jupyter
             self.jobs.pop(job.id, None)
 
     def send(self, message: dict[str, Any]) -> None:
-        with contextlib.suppress(WebSocketClosedError):
-            self.write_message(json.dumps(message))
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            return
+        if self.unsent > MAX_UNSENT_BYTES:
+            self.log.warning("Code Llama: closing a websocket whose client does not read its replies")
+            self.close(1008, "replies are not being read")
+            return
+        data = json.dumps(message)
+        try:
+            written = self.write_message(data)
+        except WebSocketClosedError:
+            return
+        self.unsent += len(data)
+        written.add_done_callback(lambda done: self._flushed(done, len(data)))
+
+    def _flushed(self, done: asyncio.Future, size: int) -> None:
+        self.unsent -= size
+        if not done.cancelled():
+            done.exception()  # a closed socket's failure is expected: retrieve it so it is not logged
 
     def on_close(self) -> None:
         # A client that disconnects mid-stream frees the worker at once.

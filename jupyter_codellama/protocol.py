@@ -21,12 +21,20 @@ class ProtocolError(ValueError):
     """A request the server cannot serve as sent; the message goes to the client as is."""
 
 
+class MessageTooLarge(ProtocolError):
+    """A message over the size limit (HTTP 413 rather than 400)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """Server-side ceilings that requests are checked and clamped against (set by the extension)."""
 
     max_new_tokens: int = 256
     max_candidates: int = 4
+    max_message_bytes: int = 4 << 20  # JSON as sent; a notebook's text is most of it
+    max_cells: int = 5000
+    max_notebook_chars: int = 2_000_000  # sources and output text together
+    max_in_flight: int = 4  # requests running at once on one websocket
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,9 @@ class CompletionRequest:
         return f"cell:{self.cell}" if self.cells is not None else "text"
 
 
-def decode_message(raw: str | bytes) -> dict[str, Any]:
+def decode_message(raw: str | bytes, max_bytes: int | None = None) -> dict[str, Any]:
+    if max_bytes is not None and _size_exceeds(raw, max_bytes):
+        raise MessageTooLarge(f"the message is larger than the limit of {max_bytes:,} bytes")
     try:
         message = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -67,10 +77,19 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> CompletionRequest:
         notebook = body["notebook"]
         if not isinstance(notebook, dict):
             raise ProtocolError("'notebook' must be an object with a 'cells' list")
+        raw_cells = notebook.get("cells")
+        # Counted before reading the cells, so an oversized notebook costs nothing more.
+        if isinstance(raw_cells, list) and len(raw_cells) > limits.max_cells:
+            raise ProtocolError(
+                f"the notebook has {len(raw_cells):,} cells; the limit is {limits.max_cells:,}"
+            )
         try:
             cells = tuple(cells_from_json(notebook))
         except ValueError as exc:
             raise ProtocolError(str(exc)) from exc
+        except RecursionError as exc:
+            raise ProtocolError("the notebook is nested too deeply") from exc
+        check_cells(cells, limits)
         fields["cells"] = cells
         fields["cell"] = integer(body, "cell", 0, max(len(cells) - 1, 0), required=True)
         source_length = len(cells[fields["cell"]].source) if cells else 0
@@ -120,7 +139,44 @@ def text(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str):
         raise ProtocolError(f"'{name}' must be a string")
+    if has_lone_surrogate(value):
+        raise ProtocolError(f"'{name}' contains an unpaired UTF-16 surrogate, which is not text")
     return value
+
+
+def check_cells(cells: tuple[Cell, ...], limits: Limits) -> None:
+    total = 0
+    for index, cell in enumerate(cells):
+        for part in (cell.source, *cell.outputs):
+            total += len(part)
+            # The tokenizer cannot encode a lone surrogate: refuse it here, not deep in the worker.
+            if has_lone_surrogate(part):
+                raise ProtocolError(f"cell {index} contains an unpaired UTF-16 surrogate, which is not text")
+    if total > limits.max_notebook_chars:
+        raise ProtocolError(
+            f"the notebook has {total:,} characters of text; the limit is {limits.max_notebook_chars:,}"
+        )
+
+
+def has_lone_surrogate(value: str) -> bool:
+    if value.isascii():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _size_exceeds(raw: str | bytes, max_bytes: int) -> bool:
+    if isinstance(raw, bytes):
+        return len(raw) > max_bytes
+    # A character is 1 to 4 bytes in UTF-8: encode only when the length alone does not decide.
+    if len(raw) > max_bytes:
+        return True
+    if 4 * len(raw) <= max_bytes:
+        return False
+    return len(raw.encode("utf-8", "surrogatepass")) > max_bytes
 
 
 def integer(body: dict[str, Any], name: str, low: int, high: int, required: bool = False) -> int:
@@ -148,6 +204,7 @@ def stop_strings(value: Any) -> tuple[str, ...]:
         not isinstance(value, list)
         or len(value) > MAX_STOP_STRINGS
         or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in value)
+        or any(has_lone_surrogate(s) for s in value)
     ):
         raise ProtocolError(
             f"'stop' must be a list of at most {MAX_STOP_STRINGS} non-empty strings "
