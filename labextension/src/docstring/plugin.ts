@@ -95,6 +95,12 @@ export const docstringPlugin: JupyterFrontEndPlugin<void> = {
       }
       // The cell's shared model carries the undo manager at runtime; its public type does not declare it.
       insertAsOneEdit(cell.model.sharedModel as unknown as IEditableSource, plan.insertions);
+      // The busy (disabled) button dropped the focus it took from the editor; give it back so Ctrl+Z undoes at once.
+      const focused = document.activeElement;
+      if (tracker.activeCell === cell && (!focused || focused === document.body || notebook.node.contains(focused))) {
+        notebook.mode = 'edit';
+        editor.focus();
+      }
     };
 
     app.commands.addCommand(id, {
