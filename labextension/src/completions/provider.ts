@@ -11,6 +11,7 @@ import {
 } from '@jupyterlab/completer';
 import { Text } from '@jupyterlab/coreutils';
 import type { ISettingRegistry } from '@jupyterlab/settingregistry';
+import type { Widget } from '@lumino/widgets';
 import type { ICodeLlamaClient } from '../tokens';
 import {
   ICompletionSettings,
@@ -66,12 +67,12 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
   ): Promise<IInlineCompletionList> {
     const settings = this._settings();
     const invoked = context.triggerKind === InlineCompletionTriggerKind.Invoke;
+    if (!invoked && settings.trigger === 'manual') {
+      // Typing must not wipe what an explicit invoke put on screen.
+      throw new KeepCurrentSuggestion('Completions are requested manually');
+    }
     const target = completionTarget(context.widget);
-    if (
-      !target ||
-      !isEnabledFor(settings, target) ||
-      (!invoked && settings.trigger === 'manual')
-    ) {
+    if (!target || !isEnabledFor(settings, target)) {
       return { items: [] };
     }
     const sharedModel = target.editor.model.sharedModel;
@@ -98,7 +99,7 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
 
     const suggestion = this._request(request, target, settings, invoked);
     state.suggestion = suggestion;
-    this._shown.set(context.widget.id, { suggestion, editor: target.editor });
+    this._remember(context.widget, { suggestion, editor: target.editor });
     await suggestion.ready();
 
     if (suggestion.error) {
@@ -129,6 +130,13 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
   /** The suggestion last requested in the widget with this id, while it may still be on screen. */
   shownIn(widgetId: string): IShownSuggestion | null {
     return this._shown.get(widgetId) ?? null;
+  }
+
+  private _remember(widget: Widget, shown: IShownSuggestion): void {
+    if (!this._shown.has(widget.id)) {
+      widget.disposed.connect(() => this._shown.delete(widget.id));
+    }
+    this._shown.set(widget.id, shown);
   }
 
   private _request(

@@ -1,0 +1,187 @@
+// Tests the provider's request policy: debounce, superseding, keeping a followed suggestion, manual trigger, errors.
+
+import { Signal } from '@lumino/signaling';
+import type { ICompletionRequest, IDoneMessage } from '../../client/protocol';
+import type { ICodeLlamaClient, ICompletionStream } from '../../tokens';
+import { CodeLlamaInlineProvider } from '../provider';
+import { DEFAULT_COMPLETION_SETTINGS, ICompletionSettings } from '../settings';
+import { completionTarget } from '../target';
+
+jest.mock('@jupyterlab/completer', () => ({ InlineCompletionTriggerKind: { Invoke: 0, Automatic: 1 } }));
+jest.mock('../target', () => ({ completionTarget: jest.fn() }));
+
+const INVOKE = 0;
+const AUTOMATIC = 1;
+
+class FakeEditorModel {
+  text = '';
+  changed = new Signal<this, void>(this);
+  getSource = () => this.text;
+  type(text: string): void {
+    this.text += text;
+    this.changed.emit();
+  }
+}
+
+interface IFakeRequest {
+  request: ICompletionRequest;
+  chunk(text: string): void;
+  done(text: string, choices?: string[]): void;
+  fail(message: string): void;
+  cancelled: boolean;
+}
+
+function fakeClient() {
+  const requests: IFakeRequest[] = [];
+  const client = {
+    stream(request: ICompletionRequest, onChunk?: (delta: string, soFar: string) => void): ICompletionStream {
+      let soFar = '';
+      let resolve!: (m: IDoneMessage) => void;
+      let reject!: (e: Error) => void;
+      const done = new Promise<IDoneMessage>((res, rej) => ((resolve = res), (reject = rej)));
+      const id = `req-${requests.length + 1}`;
+      const fake: IFakeRequest = {
+        request,
+        cancelled: false,
+        chunk: text => onChunk?.(text, (soFar += text)),
+        done: (text, choices = [text]) => resolve({ type: 'done', id, text, choices, usage: {}, timings: {} }),
+        fail: message => reject(new Error(message))
+      };
+      requests.push(fake);
+      return { id, done, cancel: () => (fake.cancelled = true) };
+    }
+  } as unknown as ICodeLlamaClient;
+  return { client, requests };
+}
+
+function setup(overrides: Partial<ICompletionSettings> = {}, shown = true) {
+  const editorModel = new FakeEditorModel();
+  editorModel.text = 'x = ';
+  (completionTarget as jest.Mock).mockReturnValue({
+    editor: { model: { sharedModel: editorModel } },
+    cellType: 'code',
+    language: 'python',
+    build: (text: string, jsOffset: number) => ({ prefix: text.slice(0, jsOffset), suffix: text.slice(jsOffset) })
+  });
+  const { client, requests } = fakeClient();
+  const settings = { ...DEFAULT_COMPLETION_SETTINGS, debounceMs: 20, ...overrides };
+  const provider = new CodeLlamaInlineProvider({ client, settings: () => settings, isShown: () => shown });
+  const widget: any = { id: 'nb-1' };
+  widget.disposed = new Signal(widget);
+  const fetch = (triggerKind: number) =>
+    provider.fetch(
+      { text: editorModel.text, offset: editorModel.text.length, mimeType: 'text/x-ipython' },
+      { widget, triggerKind } as any
+    );
+  return { provider, requests, editorModel, fetch };
+}
+
+const tick = (ms = 0) => new Promise(resolve => setTimeout(resolve, ms));
+
+describe('CodeLlamaInlineProvider', () => {
+  it('debounces typing: only the last of quick fetches reaches the server', async () => {
+    const { requests, editorModel, fetch } = setup();
+    const first = fetch(AUTOMATIC);
+    editorModel.type('1');
+    const second = fetch(AUTOMATIC);
+    await expect(first).rejects.toThrow(/newer request/);
+    await tick(30);
+    expect(requests).toHaveLength(1);
+    expect(requests[0].request).toMatchObject({ prefix: 'x = 1', suffix: '', n: 1, max_new_tokens: 64, mode: 'auto' });
+    requests[0].chunk('+ 2');
+    await expect(second).resolves.toEqual({ items: [{ insertText: '+ 2', isIncomplete: true, token: 'req-1/0' }] });
+  });
+
+  it('streams the rest of the suggestion through the token', async () => {
+    const { provider, requests, fetch } = setup();
+    const listed = fetch(AUTOMATIC);
+    await tick(30);
+    requests[0].chunk('a');
+    const { items } = await listed;
+    const texts: string[] = [];
+    const streaming = (async () => {
+      for await (const { response } of provider.stream(items[0].token!)) {
+        texts.push(response.insertText);
+      }
+    })();
+    await tick();
+    requests[0].chunk('bc');
+    await tick();
+    requests[0].done('abc');
+    await streaming;
+    expect(texts).toEqual(['a', 'abc']);
+  });
+
+  it('keeps a suggestion the user is typing along instead of asking again', async () => {
+    const { requests, editorModel, fetch } = setup();
+    const listed = fetch(AUTOMATIC);
+    await tick(30);
+    requests[0].chunk('foo(1)');
+    await listed;
+    editorModel.type('fo');
+    await expect(fetch(AUTOMATIC)).rejects.toThrow(/typing along/);
+    expect(requests).toHaveLength(1);
+    expect(requests[0].cancelled).toBe(false);
+  });
+
+  it('cancels the old suggestion and asks again once the user typed past it', async () => {
+    const { requests, editorModel, fetch } = setup();
+    const listed = fetch(AUTOMATIC);
+    await tick(30);
+    requests[0].chunk('foo(1)');
+    await listed;
+    editorModel.type('z');
+    expect(requests[0].cancelled).toBe(true); // at the keystroke, before any new fetch
+    void fetch(AUTOMATIC);
+    await tick(30);
+    expect(requests).toHaveLength(2);
+  });
+
+  it('asks again when the ghost text is no longer shown, even if the text still matches', async () => {
+    const { requests, fetch } = setup({}, false);
+    const listed = fetch(AUTOMATIC);
+    await tick(30);
+    requests[0].chunk('foo');
+    await listed;
+    void fetch(AUTOMATIC);
+    await tick(30);
+    expect(requests).toHaveLength(2);
+    expect(requests[0].cancelled).toBe(true);
+  });
+
+  it('asks for several candidates at once on invoke, without debounce, sampling warmer', async () => {
+    const { requests, fetch } = setup({ candidatesOnInvoke: 3, temperature: 0 });
+    const listed = fetch(INVOKE);
+    await tick();
+    expect(requests[0].request).toMatchObject({ n: 3, temperature: 0.6 });
+    requests[0].chunk('a');
+    requests[0].done('a', ['a', 'b', 'a']);
+    expect((await listed).items.map(i => i.insertText)).toEqual(['a', 'b']);
+  });
+
+  it('in manual mode ignores typing without clearing what is shown', async () => {
+    const { requests, fetch } = setup({ trigger: 'manual' });
+    await expect(fetch(AUTOMATIC)).rejects.toThrow(/manually/);
+    expect(requests).toHaveLength(0);
+  });
+
+  it('returns nothing where completions are switched off', async () => {
+    const { requests, fetch } = setup({ languages: ['r'] });
+    await expect(fetch(INVOKE)).resolves.toEqual({ items: [] });
+    expect(requests).toHaveLength(0);
+  });
+
+  it('answers an explicit invoke that failed with the error, and typing with nothing', async () => {
+    const invoked = setup();
+    const listed = invoked.fetch(INVOKE);
+    await tick();
+    invoked.requests[0].fail('model is loading');
+    expect((await listed).items[0].error).toEqual({ message: 'model is loading' });
+
+    const typed = setup();
+    const quiet = typed.fetch(AUTOMATIC);
+    await tick(30);
+    typed.requests[0].fail('model is loading');
+    await expect(quiet).resolves.toEqual({ items: [] });
+  });
+});
