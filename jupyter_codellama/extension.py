@@ -10,11 +10,14 @@ from traitlets import Bool, Float, Int, TraitError, Unicode, default, validate
 
 from .handlers import handlers
 from .protocol import Limits
+from .remote import FIM_MODES, RemoteConfig
 from .service import ModelService, ServiceConfig
 
 MODEL_ENV = "JUPYTER_CODELLAMA_MODEL"
 URL_ENV = "JUPYTER_CODELLAMA_URL"
 KEY_ENV = "JUPYTER_CODELLAMA_KEY"
+API_KEY_ENV = "JUPYTER_CODELLAMA_API_KEY"
+BACKENDS = ("local", "openai")
 
 
 class CodeLlamaExtension(ExtensionApp):
@@ -30,9 +33,43 @@ class CodeLlamaExtension(ExtensionApp):
     dtype = Unicode(
         "auto", help="'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16', 'float16', 'float32'."
     ).tag(config=True)
-    backend = Unicode("local", help="Where completions run: 'local' (this process's GPU or CPU).").tag(
+    backend = Unicode(
+        "local",
+        help="Where completions run: 'local' (kernel_model in this process, on its GPU or CPU) or 'openai' "
+        "(a server speaking the OpenAI /v1/completions API: vLLM, TGI, llama.cpp, Ollama; see remote_*).",
+    ).tag(config=True)
+    remote_url = Unicode(help="Base URL of the OpenAI-compatible server, e.g. http://gpu-host:8000/v1.").tag(
         config=True
     )
+    remote_model = Unicode(help="Model name on that server; empty: the first one it lists.").tag(config=True)
+    remote_api_key_env = Unicode(
+        API_KEY_ENV, help="Environment variable holding the server's API key (sent as a Bearer token)."
+    ).tag(config=True)
+    remote_api_key = Unicode(
+        help="The server's API key, when not in remote_api_key_env. Never logged nor sent to the browser."
+    ).tag(config=True)
+    remote_tokenizer = Unicode(
+        help="A local tokenizer.model of the remote model, for exact prompt budgets; empty: estimate "
+        "(characters / 2.5)."
+    ).tag(config=True)
+    remote_fim = Unicode(
+        "auto",
+        help="Infilling prompt for the remote model: 'auto' (SPM unless the tokenizer or the name says it "
+        "cannot infill: Python, 34B, 70B), 'spm', 'psm', or 'off' (complete from the prefix only).",
+    ).tag(config=True)
+    remote_max_context = Int(
+        0, help="The remote model's window in tokens; 0: what the server reports, else 16384."
+    ).tag(config=True)
+    remote_connect_timeout = Float(5.0, help="Seconds to connect to the remote server.").tag(config=True)
+    remote_read_timeout = Float(
+        60.0, help="Longest silence (seconds) within a remote response, the first token included."
+    ).tag(config=True)
+    remote_retries = Int(
+        2, help="Extra attempts when the remote server cannot be reached, only before anything streamed."
+    ).tag(config=True)
+    remote_probe_interval = Float(
+        30.0, help="Seconds between health checks of the remote server (every 3 s while it is down)."
+    ).tag(config=True)
     max_context_tokens = Int(4096, help="Prompt budget in tokens (context + completion).").tag(config=True)
     max_new_tokens = Int(256, help="Ceiling on tokens generated per request.").tag(config=True)
     max_candidates = Int(4, help="Ceiling on candidates per request (manual invoke).").tag(config=True)
@@ -87,9 +124,29 @@ class CodeLlamaExtension(ExtensionApp):
 
     @validate("backend")
     def _check_backend(self, proposal: dict) -> str:
-        if proposal["value"] != "local":
-            raise ValueError(f"backend {proposal['value']!r} is not available; use 'local'")
+        if proposal["value"] not in BACKENDS:
+            raise ValueError(f"backend {proposal['value']!r} is not available; use 'local' or 'openai'")
         return proposal["value"]
+
+    @validate("remote_fim")
+    def _check_remote_fim(self, proposal: dict) -> str:
+        if proposal["value"] not in FIM_MODES:
+            raise ValueError(f"remote_fim must be one of {', '.join(FIM_MODES)}, not {proposal['value']!r}")
+        return proposal["value"]
+
+    def remote_config(self) -> RemoteConfig:
+        return RemoteConfig(
+            url=self.remote_url,
+            model=self.remote_model,
+            api_key=self.remote_api_key or os.environ.get(self.remote_api_key_env, ""),
+            tokenizer=self.remote_tokenizer,
+            fim=self.remote_fim,
+            connect_timeout=self.remote_connect_timeout,
+            read_timeout=self.remote_read_timeout,
+            retries=self.remote_retries,
+            probe_interval=self.remote_probe_interval,
+            max_context=self.remote_max_context,
+        )
 
     def initialize_settings(self) -> None:
         config = ServiceConfig(
@@ -101,6 +158,8 @@ class CodeLlamaExtension(ExtensionApp):
             queue_size=self.queue_size,
             prefix_share=self.prefix_share,
             include_outputs=self.include_outputs,
+            backend=self.backend,
+            remote=self.remote_config(),
         )
         self.service = ModelService(config, log=self.log)
         self.service.start()
