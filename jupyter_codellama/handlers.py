@@ -58,10 +58,11 @@ class KernelKeyMixin:
         if offered is None:
             return await super().prepare(*args, **kwargs)  # type: ignore[misc]
         key = handler.settings.get("codellama_kernel_key", "")
-        if not key or not hmac.compare_digest(offered.encode(), key.encode()) or not handler.check_host():
-            raise web.HTTPError(403)
-        if handler.request.headers.get("Origin") is not None:
-            # Kernels are not browsers: a page that somehow learned the key still cannot use it.
+        valid = bool(key) and hmac.compare_digest(offered.encode(), key.encode()) and handler.check_host()
+        # Kernels are not browsers: a page that somehow learned the key still cannot use it.
+        if not valid or handler.request.headers.get("Origin") is not None:
+            # Known to be nobody, so that rendering the 403 does not ask the identity provider.
+            handler.current_user = handler._jupyter_current_user = None
             raise web.HTTPError(403)
         handler.current_user = handler._jupyter_current_user = KERNEL_USER
         return None
