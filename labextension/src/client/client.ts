@@ -37,8 +37,7 @@ export const CONNECTION_LOST = 'Connection to the Code Llama server was lost';
 
 export class CodeLlamaClient implements ICodeLlamaClient {
   constructor(options: CodeLlamaClient.IOptions = {}) {
-    this._settings =
-      options.serverSettings ?? ServerConnection.makeSettings();
+    this._settings = options.serverSettings ?? ServerConnection.makeSettings();
     this._now = options.now ?? (() => Date.now());
     if (options.pollStatus ?? true) {
       this._scheduleStatusPoll(0);
@@ -174,9 +173,7 @@ export class CodeLlamaClient implements ICodeLlamaClient {
     const wait = this._lastFailureAt + reconnectDelay(this._failures);
     if (this._failures > 0 && this._now() < wait) {
       this._outbox = [];
-      this._pending.failAll(
-        'The Code Llama server is unreachable; retrying shortly'
-      );
+      this._pending.failAll('The Code Llama server is unreachable; retrying shortly');
       return;
     }
     const settings = this._settings;
@@ -226,11 +223,7 @@ export class CodeLlamaClient implements ICodeLlamaClient {
 
   private async _request(path: string, init: RequestInit): Promise<unknown> {
     const url = URLExt.join(this._settings.baseUrl, API_PATH, path);
-    const response = await ServerConnection.makeRequest(
-      url,
-      init,
-      this._settings
-    );
+    const response = await ServerConnection.makeRequest(url, init, this._settings);
     let data: unknown = null;
     try {
       data = await response.json();
@@ -255,9 +248,7 @@ export class CodeLlamaClient implements ICodeLlamaClient {
       const status = await this.refreshStatus();
       if (!this._disposed) {
         this._scheduleStatusPoll(
-          status.state === 'loading'
-            ? STATUS_POLL_LOADING_MS
-            : STATUS_POLL_SETTLED_MS
+          status.state === 'loading' ? STATUS_POLL_LOADING_MS : STATUS_POLL_SETTLED_MS
         );
       }
     }, delay);
@@ -272,9 +263,7 @@ export class CodeLlamaClient implements ICodeLlamaClient {
   private readonly _now: () => number;
   private readonly _pending = new PendingRequests();
   private readonly _idPrefix = Math.random().toString(36).slice(2, 10);
-  private readonly _statusChanged = new Signal<this, IServerStatus | null>(
-    this
-  );
+  private readonly _statusChanged = new Signal<this, IServerStatus | null>(this);
   private readonly _activityChanged = new Signal<this, number>(this);
   private _socket: WebSocket | null = null;
   private _outbox: ClientMessage[] = [];

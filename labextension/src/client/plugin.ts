@@ -9,6 +9,5 @@ export const clientPlugin: JupyterFrontEndPlugin<ICodeLlamaClient> = {
   description: 'Connects this browser tab to the Code Llama server.',
   autoStart: true,
   provides: ICodeLlamaClient,
-  activate: app =>
-    new CodeLlamaClient({ serverSettings: app.serviceManager.serverSettings })
+  activate: app => new CodeLlamaClient({ serverSettings: app.serviceManager.serverSettings })
 };

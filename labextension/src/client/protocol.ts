@@ -82,8 +82,7 @@ export interface IErrorMessage {
 export type ServerMessage = IChunkMessage | IDoneMessage | IErrorMessage;
 
 export type ClientMessage =
-  | ({ type: 'complete'; id: string } & ICompletionRequest)
-  | { type: 'cancel'; id: string };
+  ({ type: 'complete'; id: string } & ICompletionRequest) | { type: 'cancel'; id: string };
 
 function isRecord(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value);
@@ -112,9 +111,7 @@ export function parseServerMessage(raw: unknown): ServerMessage | null {
   const id = data.id;
   switch (data.type) {
     case 'chunk':
-      return typeof data.text === 'string'
-        ? { type: 'chunk', id, text: data.text }
-        : null;
+      return typeof data.text === 'string' ? { type: 'chunk', id, text: data.text } : null;
     case 'done': {
       const text = typeof data.text === 'string' ? data.text : '';
       const choices = stringList(data.choices);
@@ -132,8 +129,7 @@ export function parseServerMessage(raw: unknown): ServerMessage | null {
       return {
         type: 'error',
         id,
-        message:
-          typeof data.message === 'string' ? data.message : 'Unknown error'
+        message: typeof data.message === 'string' ? data.message : 'Unknown error'
       };
     default:
       return null;
@@ -145,16 +141,12 @@ export function parseServerStatus(data: unknown): IServerStatus {
   if (!isRecord(data)) {
     return { state: 'error', model: null, error: 'Malformed status reply' };
   }
-  const state =
-    data.state === 'loading' || data.state === 'ready' ? data.state : 'error';
+  const state = data.state === 'loading' || data.state === 'ready' ? data.state : 'error';
   const model = isRecord(data.model)
     ? {
         name: typeof data.model.name === 'string' ? data.model.name : '',
         supports_infilling: data.model.supports_infilling === true,
-        max_context:
-          typeof data.model.max_context === 'number'
-            ? data.model.max_context
-            : 0,
+        max_context: typeof data.model.max_context === 'number' ? data.model.max_context : 0,
         device: typeof data.model.device === 'string' ? data.model.device : '',
         dtype: typeof data.model.dtype === 'string' ? data.model.dtype : ''
       }

@@ -3,10 +3,7 @@
 import type { JupyterFrontEnd } from '@jupyterlab/application';
 import { CommandRegistry } from '@lumino/commands';
 import type { CodeEditor } from '@jupyterlab/codeeditor';
-import type {
-  ICompletionProviderManager,
-  IInlineCompletionItem
-} from '@jupyterlab/completer';
+import type { ICompletionProviderManager, IInlineCompletionItem } from '@jupyterlab/completer';
 import { CommandIds } from '../tokens';
 import { nextLine, nextWord } from './partial';
 import type { CodeLlamaInlineProvider } from './provider';

@@ -19,11 +19,7 @@ export function nextWord(suggestion: string): string {
     return suggestion;
   }
   const isWord = WORD_CHAR.test(chars[end]);
-  while (
-    end < chars.length &&
-    !/\s/u.test(chars[end]) &&
-    WORD_CHAR.test(chars[end]) === isWord
-  ) {
+  while (end < chars.length && !/\s/u.test(chars[end]) && WORD_CHAR.test(chars[end]) === isWord) {
     end++;
   }
   return chars.slice(0, end).join('');

@@ -18,7 +18,12 @@ export const completionsPlugin: JupyterFrontEndPlugin<void> = {
   autoStart: true,
   requires: [ICompletionProviderManager, ICodeLlamaClient],
   optional: [ISettingRegistry],
-  activate: (app, manager: ICompletionProviderManager, client: ICodeLlamaClient, registry: ISettingRegistry | null) => {
+  activate: (
+    app,
+    manager: ICompletionProviderManager,
+    client: ICodeLlamaClient,
+    registry: ISettingRegistry | null
+  ) => {
     let settings: ICompletionSettings = DEFAULT_COMPLETION_SETTINGS;
     const provider = new CodeLlamaInlineProvider({
       client,

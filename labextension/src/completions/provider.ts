@@ -13,11 +13,7 @@ import { Text } from '@jupyterlab/coreutils';
 import type { ISettingRegistry } from '@jupyterlab/settingregistry';
 import type { Widget } from '@lumino/widgets';
 import type { ICodeLlamaClient } from '../tokens';
-import {
-  ICompletionSettings,
-  isEnabledFor,
-  MIN_TEMPERATURE_FOR_CANDIDATES
-} from './settings';
+import { ICompletionSettings, isEnabledFor, MIN_TEMPERATURE_FOR_CANDIDATES } from './settings';
 import { LiveSuggestion } from './suggestion';
 import { completionTarget } from './target';
 
@@ -78,20 +74,13 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     const sharedModel = target.editor.model.sharedModel;
     const state = this._stateOf(sharedModel);
     const fetchNumber = ++state.latestFetch;
-    if (
-      !invoked &&
-      state.suggestion?.isFollowed() &&
-      this._isShown(context.widget.id)
-    ) {
+    if (!invoked && state.suggestion?.isFollowed() && this._isShown(context.widget.id)) {
       throw new KeepCurrentSuggestion('The user is typing along the suggestion');
     }
     if (!invoked && settings.debounceMs > 0) {
       await new Promise(resolve => setTimeout(resolve, settings.debounceMs));
     }
-    if (
-      fetchNumber !== state.latestFetch ||
-      sharedModel.getSource() !== request.text
-    ) {
+    if (fetchNumber !== state.latestFetch || sharedModel.getSource() !== request.text) {
       throw new KeepCurrentSuggestion('A newer request replaces this one');
     }
     // The user moved on from the previous suggestion: stop generating it.

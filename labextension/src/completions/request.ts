@@ -33,9 +33,7 @@ function joinText(text: unknown): string {
 }
 
 function clip(text: string): string {
-  return text.length > MAX_OUTPUT_CHARS
-    ? `${text.slice(0, MAX_OUTPUT_CHARS)}\n...`
-    : text;
+  return text.length > MAX_OUTPUT_CHARS ? `${text.slice(0, MAX_OUTPUT_CHARS)}\n...` : text;
 }
 
 /** Keep only textual outputs: images and HTML cost bandwidth and tell a code model little. */

@@ -64,9 +64,7 @@ export function readCompletionSettings(
       pick(composite.candidatesOnInvoke, isNumberAtLeast(1), d.candidatesOnInvoke)
     ),
     cellTypes: pick(composite.cellTypes, isStringList, d.cellTypes),
-    languages: pick(composite.languages, isStringList, d.languages).map(l =>
-      l.toLowerCase()
-    ),
+    languages: pick(composite.languages, isStringList, d.languages).map(l => l.toLowerCase()),
     includeOutputs: pick(composite.includeOutputs, isBoolean, d.includeOutputs)
   };
 }
@@ -106,7 +104,6 @@ export function isEnabledFor(
     return true;
   }
   return (
-    settings.languages.length === 0 ||
-    settings.languages.includes(where.language.toLowerCase())
+    settings.languages.length === 0 || settings.languages.includes(where.language.toLowerCase())
   );
 }

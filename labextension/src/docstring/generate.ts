@@ -14,7 +14,9 @@ export const DEFAULT_DOCSTRING_SETTINGS: IDocstringSettings = {
   temperature: 0.2
 };
 
-export function readDocstringSettings(composite: Readonly<Record<string, unknown>>): IDocstringSettings {
+export function readDocstringSettings(
+  composite: Readonly<Record<string, unknown>>
+): IDocstringSettings {
   const number = (value: unknown, fallback: number, min: number) =>
     typeof value === 'number' && Number.isFinite(value) && value >= min ? value : fallback;
   return {
@@ -30,8 +32,7 @@ export interface IInsertion {
 }
 
 export type DocstringPlan =
-  | { kind: 'insert'; insertions: IInsertion[] }
-  | { kind: 'nothing'; reason: string };
+  { kind: 'insert'; insertions: IInsertion[] } | { kind: 'nothing'; reason: string };
 
 export interface IPlanOptions {
   source: string;
@@ -50,7 +51,10 @@ export interface IPlanOptions {
 }
 
 /** Characters per token is about 3 for code; leave a quarter of the room to the suffix. */
-function promptBudget(maxContextTokens: number, maxNewTokens: number): { prefix: number; suffix: number } {
+function promptBudget(
+  maxContextTokens: number,
+  maxNewTokens: number
+): { prefix: number; suffix: number } {
   const chars = Math.max(2000, (maxContextTokens - maxNewTokens) * 3);
   return { prefix: Math.floor(chars * 0.75), suffix: Math.floor(chars * 0.25) };
 }

@@ -71,7 +71,8 @@ export const docstringPlugin: JupyterFrontEndPlugin<void> = {
           }
         }
       }
-      const status = client.status?.state === 'ready' ? client.status : await client.refreshStatus();
+      const status =
+        client.status?.state === 'ready' ? client.status : await client.refreshStatus();
       if (status.state !== 'ready') {
         throw new Error(status.error ?? 'The model is still loading; try again in a moment.');
       }
@@ -91,13 +92,18 @@ export const docstringPlugin: JupyterFrontEndPlugin<void> = {
       }
       if (cell.model.sharedModel.getSource() !== source) {
         // Offsets were computed for the old text; inserting now could split a line the user just wrote.
-        throw new Error('The cell changed while the docstring was being written; nothing was inserted.');
+        throw new Error(
+          'The cell changed while the docstring was being written; nothing was inserted.'
+        );
       }
       // The cell's shared model carries the undo manager at runtime; its public type does not declare it.
       insertAsOneEdit(cell.model.sharedModel as unknown as IEditableSource, plan.insertions);
       // The busy (disabled) button dropped the focus it took from the editor; give it back so Ctrl+Z undoes at once.
       const focused = document.activeElement;
-      if (tracker.activeCell === cell && (!focused || focused === document.body || notebook.node.contains(focused))) {
+      if (
+        tracker.activeCell === cell &&
+        (!focused || focused === document.body || notebook.node.contains(focused))
+      ) {
         notebook.mode = 'edit';
         editor.focus();
       }
@@ -105,7 +111,8 @@ export const docstringPlugin: JupyterFrontEndPlugin<void> = {
 
     app.commands.addCommand(id, {
       label: () => (isBusy() ? 'Generating docstring…' : 'Generate docstring'),
-      caption: 'Ask Code Llama to write the docstring of the function or class at the cursor (or of every undocumented one in the cell)',
+      caption:
+        'Ask Code Llama to write the docstring of the function or class at the cursor (or of every undocumented one in the cell)',
       icon: docstringIcon,
       className: () => (isBusy() ? BUSY_CLASS : ''),
       isVisible: () => activeCodeCell() !== null,

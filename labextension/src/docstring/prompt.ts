@@ -36,7 +36,10 @@ export function detectStyle(sources: readonly string[]): IDocstringStyle {
   let exemplar: string | null = null;
   for (const source of sources) {
     for (const definition of findDefinitions(source)) {
-      if (definition.bodyIndent !== null && definition.bodyIndent.startsWith(definition.headerIndent)) {
+      if (
+        definition.bodyIndent !== null &&
+        definition.bodyIndent.startsWith(definition.headerIndent)
+      ) {
         const step = definition.bodyIndent.slice(definition.headerIndent.length);
         if (step) {
           steps.push(step);

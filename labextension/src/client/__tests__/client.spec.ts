@@ -75,14 +75,23 @@ describe('CodeLlamaClient.stream', () => {
   it('delivers chunks with the running text and resolves on done', async () => {
     const client = makeClient();
     const seen: string[] = [];
-    const stream = client.stream({ prefix: 'x', suffix: '' }, (delta, soFar) => seen.push(`${delta}|${soFar}`));
+    const stream = client.stream({ prefix: 'x', suffix: '' }, (delta, soFar) =>
+      seen.push(`${delta}|${soFar}`)
+    );
     const socket = FakeSocket.instances[0];
     socket.open();
     expect(client.activeRequests).toBe(1);
     socket.receive({ type: 'chunk', id: stream.id, text: 'ab' });
     socket.receive({ type: 'chunk', id: 'someone-else', text: 'zz' });
     socket.receive({ type: 'chunk', id: stream.id, text: 'c' });
-    socket.receive({ type: 'done', id: stream.id, text: 'abc', choices: ['abc'], usage: {}, timings: {} });
+    socket.receive({
+      type: 'done',
+      id: stream.id,
+      text: 'abc',
+      choices: ['abc'],
+      usage: {},
+      timings: {}
+    });
     await expect(stream.done).resolves.toMatchObject({ text: 'abc' });
     expect(seen).toEqual(['ab|ab', 'c|abc']);
     expect(client.activeRequests).toBe(0);
@@ -95,7 +104,15 @@ describe('CodeLlamaClient.stream', () => {
     socket.open();
     stream.cancel();
     expect(socket.sent[socket.sent.length - 1]).toEqual({ type: 'cancel', id: stream.id });
-    socket.receive({ type: 'done', id: stream.id, text: '', choices: [], usage: {}, timings: {}, cancelled: true });
+    socket.receive({
+      type: 'done',
+      id: stream.id,
+      text: '',
+      choices: [],
+      usage: {},
+      timings: {},
+      cancelled: true
+    });
     await expect(stream.done).resolves.toMatchObject({ cancelled: true });
     stream.cancel();
     expect(socket.sent.filter(m => m.type === 'cancel')).toHaveLength(1);
@@ -118,7 +135,11 @@ describe('CodeLlamaClient.stream', () => {
     const second = client.stream({ prefix: 'y', suffix: '' });
     expect(FakeSocket.instances).toHaveLength(2);
     FakeSocket.instances[1].open();
-    expect(FakeSocket.instances[1].sent[0]).toMatchObject({ type: 'complete', id: second.id, prefix: 'y' });
+    expect(FakeSocket.instances[1].sent[0]).toMatchObject({
+      type: 'complete',
+      id: second.id,
+      prefix: 'y'
+    });
   });
 
   it('fails fast instead of reconnecting on every request while the server is down', async () => {
@@ -164,7 +185,11 @@ describe('PendingRequests', () => {
   it('refuses duplicate ids and fails everything at once', () => {
     const pending = new PendingRequests();
     const errors: string[] = [];
-    const handlers = { onChunk: () => {}, onDone: () => {}, onError: (m: string) => errors.push(m) };
+    const handlers = {
+      onChunk: () => {},
+      onDone: () => {},
+      onError: (m: string) => errors.push(m)
+    };
     pending.add('1', handlers);
     expect(() => pending.add('1', handlers)).toThrow();
     pending.add('2', handlers);

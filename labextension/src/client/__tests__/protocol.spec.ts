@@ -11,9 +11,23 @@ describe('parseServerMessage', () => {
     });
     expect(
       parseServerMessage(
-        JSON.stringify({ type: 'done', id: 'a', text: 'x', choices: ['x', 'y'], usage: { n: 1 }, timings: {} })
+        JSON.stringify({
+          type: 'done',
+          id: 'a',
+          text: 'x',
+          choices: ['x', 'y'],
+          usage: { n: 1 },
+          timings: {}
+        })
       )
-    ).toEqual({ type: 'done', id: 'a', text: 'x', choices: ['x', 'y'], usage: { n: 1 }, timings: {} });
+    ).toEqual({
+      type: 'done',
+      id: 'a',
+      text: 'x',
+      choices: ['x', 'y'],
+      usage: { n: 1 },
+      timings: {}
+    });
     expect(parseServerMessage('{"type":"error","id":"a","message":"boom"}')).toEqual({
       type: 'error',
       id: 'a',
@@ -49,12 +63,24 @@ describe('parseServerStatus', () => {
   it('reads a ready status', () => {
     const status = parseServerStatus({
       state: 'ready',
-      model: { name: 'tiny', supports_infilling: true, max_context: 2048, device: 'cpu', dtype: 'float32' },
+      model: {
+        name: 'tiny',
+        supports_infilling: true,
+        max_context: 2048,
+        device: 'cpu',
+        dtype: 'float32'
+      },
       error: null
     });
     expect(status).toEqual({
       state: 'ready',
-      model: { name: 'tiny', supports_infilling: true, max_context: 2048, device: 'cpu', dtype: 'float32' },
+      model: {
+        name: 'tiny',
+        supports_infilling: true,
+        max_context: 2048,
+        device: 'cpu',
+        dtype: 'float32'
+      },
       error: null
     });
   });

@@ -16,7 +16,16 @@ function splitAll(text: string, split: (t: string) => string): string[] {
 
 describe('nextWord', () => {
   it('takes identifiers and punctuation runs separately, with leading space', () => {
-    expect(splitAll('foo_bar(baz, qux=1)', nextWord)).toEqual(['foo_bar', '(', 'baz', ',', ' qux', '=', '1', ')']);
+    expect(splitAll('foo_bar(baz, qux=1)', nextWord)).toEqual([
+      'foo_bar',
+      '(',
+      'baz',
+      ',',
+      ' qux',
+      '=',
+      '1',
+      ')'
+    ]);
   });
 
   it('keeps a line break and indentation with the word after it', () => {

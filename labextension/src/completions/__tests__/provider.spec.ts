@@ -7,7 +7,9 @@ import { CodeLlamaInlineProvider } from '../provider';
 import { DEFAULT_COMPLETION_SETTINGS, ICompletionSettings } from '../settings';
 import { completionTarget } from '../target';
 
-jest.mock('@jupyterlab/completer', () => ({ InlineCompletionTriggerKind: { Invoke: 0, Automatic: 1 } }));
+jest.mock('@jupyterlab/completer', () => ({
+  InlineCompletionTriggerKind: { Invoke: 0, Automatic: 1 }
+}));
 jest.mock('../target', () => ({ completionTarget: jest.fn() }));
 
 const INVOKE = 0;
@@ -34,7 +36,10 @@ interface IFakeRequest {
 function fakeClient() {
   const requests: IFakeRequest[] = [];
   const client = {
-    stream(request: ICompletionRequest, onChunk?: (delta: string, soFar: string) => void): ICompletionStream {
+    stream(
+      request: ICompletionRequest,
+      onChunk?: (delta: string, soFar: string) => void
+    ): ICompletionStream {
       let soFar = '';
       let resolve!: (m: IDoneMessage) => void;
       let reject!: (e: Error) => void;
@@ -44,7 +49,8 @@ function fakeClient() {
         request,
         cancelled: false,
         chunk: text => onChunk?.(text, (soFar += text)),
-        done: (text, choices = [text]) => resolve({ type: 'done', id, text, choices, usage: {}, timings: {} }),
+        done: (text, choices = [text]) =>
+          resolve({ type: 'done', id, text, choices, usage: {}, timings: {} }),
         fail: message => reject(new Error(message))
       };
       requests.push(fake);
@@ -61,11 +67,18 @@ function setup(overrides: Partial<ICompletionSettings> = {}, shown = true) {
     editor: { model: { sharedModel: editorModel } },
     cellType: 'code',
     language: 'python',
-    build: (text: string, jsOffset: number) => ({ prefix: text.slice(0, jsOffset), suffix: text.slice(jsOffset) })
+    build: (text: string, jsOffset: number) => ({
+      prefix: text.slice(0, jsOffset),
+      suffix: text.slice(jsOffset)
+    })
   });
   const { client, requests } = fakeClient();
   const settings = { ...DEFAULT_COMPLETION_SETTINGS, debounceMs: 20, ...overrides };
-  const provider = new CodeLlamaInlineProvider({ client, settings: () => settings, isShown: () => shown });
+  const provider = new CodeLlamaInlineProvider({
+    client,
+    settings: () => settings,
+    isShown: () => shown
+  });
   const widget: any = { id: 'nb-1' };
   widget.disposed = new Signal(widget);
   const fetch = (triggerKind: number) =>
@@ -87,9 +100,17 @@ describe('CodeLlamaInlineProvider', () => {
     await expect(first).rejects.toThrow(/newer request/);
     await tick(30);
     expect(requests).toHaveLength(1);
-    expect(requests[0].request).toMatchObject({ prefix: 'x = 1', suffix: '', n: 1, max_new_tokens: 64, mode: 'auto' });
+    expect(requests[0].request).toMatchObject({
+      prefix: 'x = 1',
+      suffix: '',
+      n: 1,
+      max_new_tokens: 64,
+      mode: 'auto'
+    });
     requests[0].chunk('+ 2');
-    await expect(second).resolves.toEqual({ items: [{ insertText: '+ 2', isIncomplete: true, token: 'req-1/0' }] });
+    await expect(second).resolves.toEqual({
+      items: [{ insertText: '+ 2', isIncomplete: true, token: 'req-1/0' }]
+    });
   });
 
   it('streams the rest of the suggestion through the token', async () => {

@@ -33,11 +33,17 @@ describe('reconcile', () => {
   });
 
   it('shows the rest when the user typed along', () => {
-    expect(reconcile(snapshot, at('urn a'), suggestion)).toMatchObject({ kind: 'consistent', remaining: ' + b' });
+    expect(reconcile(snapshot, at('urn a'), suggestion)).toMatchObject({
+      kind: 'consistent',
+      remaining: ' + b'
+    });
   });
 
   it('is ahead when the user typed past the text generated so far but along it', () => {
-    expect(reconcile(snapshot, at('urn a + b + c'), suggestion)).toEqual({ kind: 'ahead', typed: 'urn a + b + c' });
+    expect(reconcile(snapshot, at('urn a + b + c'), suggestion)).toEqual({
+      kind: 'ahead',
+      typed: 'urn a + b + c'
+    });
   });
 
   it('diverges when the user typed something else', () => {

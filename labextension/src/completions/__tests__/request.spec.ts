@@ -1,7 +1,17 @@
 // Tests the completion payloads: whole notebook with text-only outputs, and prefix/suffix for files and consoles.
 
-import { MAX_OUTPUT_CHARS, notebookRequest, outputsForContext, prefixSuffixRequest } from '../request';
-import { DEFAULT_COMPLETION_SETTINGS, isEnabledFor, languageOfMimeType, readCompletionSettings } from '../settings';
+import {
+  MAX_OUTPUT_CHARS,
+  notebookRequest,
+  outputsForContext,
+  prefixSuffixRequest
+} from '../request';
+import {
+  DEFAULT_COMPLETION_SETTINGS,
+  isEnabledFor,
+  languageOfMimeType,
+  readCompletionSettings
+} from '../settings';
 
 describe('notebookRequest', () => {
   const cells = [
@@ -43,7 +53,9 @@ describe('notebookRequest', () => {
   });
 
   it('clips long outputs', () => {
-    const [kept] = outputsForContext([{ output_type: 'stream', name: 'stdout', text: 'x'.repeat(10 * MAX_OUTPUT_CHARS) }]);
+    const [kept] = outputsForContext([
+      { output_type: 'stream', name: 'stdout', text: 'x'.repeat(10 * MAX_OUTPUT_CHARS) }
+    ]);
     expect((kept as { text: string }).text.length).toBeLessThan(MAX_OUTPUT_CHARS + 10);
   });
 });
@@ -64,7 +76,12 @@ describe('prefixSuffixRequest', () => {
 describe('completion settings', () => {
   it('falls back to defaults for missing or invalid values', () => {
     expect(readCompletionSettings({})).toEqual(DEFAULT_COMPLETION_SETTINGS);
-    const read = readCompletionSettings({ trigger: 'sometimes', debounceMs: -1, temperature: 0.7, languages: ['Python', 'R'] });
+    const read = readCompletionSettings({
+      trigger: 'sometimes',
+      debounceMs: -1,
+      temperature: 0.7,
+      languages: ['Python', 'R']
+    });
     expect(read.trigger).toBe('automatic');
     expect(read.debounceMs).toBe(DEFAULT_COMPLETION_SETTINGS.debounceMs);
     expect(read.temperature).toBe(0.7);
@@ -84,10 +101,17 @@ describe('completion settings', () => {
     expect(isEnabledFor(settings, { cellType: 'code', language: 'python' })).toBe(true);
     expect(isEnabledFor(settings, { cellType: 'markdown', language: 'markdown' })).toBe(false);
     expect(isEnabledFor(settings, { cellType: null, language: 'julia' })).toBe(false);
-    expect(isEnabledFor({ ...settings, languages: [] }, { cellType: null, language: 'julia' })).toBe(true);
     expect(
-      isEnabledFor({ ...settings, cellTypes: ['code', 'markdown'] }, { cellType: 'markdown', language: 'markdown' })
+      isEnabledFor({ ...settings, languages: [] }, { cellType: null, language: 'julia' })
     ).toBe(true);
-    expect(isEnabledFor({ ...settings, enabled: false }, { cellType: 'code', language: 'python' })).toBe(false);
+    expect(
+      isEnabledFor(
+        { ...settings, cellTypes: ['code', 'markdown'] },
+        { cellType: 'markdown', language: 'markdown' }
+      )
+    ).toBe(true);
+    expect(
+      isEnabledFor({ ...settings, enabled: false }, { cellType: 'code', language: 'python' })
+    ).toBe(false);
   });
 });

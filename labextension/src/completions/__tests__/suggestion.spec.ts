@@ -13,7 +13,10 @@ class ScriptedServer {
   private _resolve: (m: IDoneMessage) => void = () => {};
   private _reject: (e: Error) => void = () => {};
 
-  stream = (request: ICompletionRequest, onChunk?: (delta: string, soFar: string) => void): ICompletionStream => {
+  stream = (
+    request: ICompletionRequest,
+    onChunk?: (delta: string, soFar: string) => void
+  ): ICompletionStream => {
     this.requests.push(request);
     this._onChunk = onChunk ?? (() => {});
     const done = new Promise<IDoneMessage>((resolve, reject) => {

@@ -46,8 +46,12 @@ describe('findDefinitions', () => {
 
   it('sees an existing docstring and the block of a class', () => {
     const circle = found[1];
-    expect(circle.docstring && cell.slice(circle.docstring.start, circle.docstring.end)).toBe('"""A circle."""');
-    expect(cell.slice(circle.start, circle.end).trimEnd().endsWith('return self.r + by()')).toBe(true);
+    expect(circle.docstring && cell.slice(circle.docstring.start, circle.docstring.end)).toBe(
+      '"""A circle."""'
+    );
+    expect(cell.slice(circle.start, circle.end).trimEnd().endsWith('return self.r + by()')).toBe(
+      true
+    );
   });
 
   it('ignores colons in lambdas and keywords inside strings', () => {
@@ -62,7 +66,9 @@ describe('findDefinitions', () => {
   });
 
   it('recognises prefixed and single-quoted docstrings, not assignments', () => {
-    const [a, b, c] = findDefinitions("def a():\n    r'''raw'''\ndef b():\n    'x'\ndef c():\n    x = 'no'\n");
+    const [a, b, c] = findDefinitions(
+      "def a():\n    r'''raw'''\ndef b():\n    'x'\ndef c():\n    x = 'no'\n"
+    );
     expect(a.docstring?.quote).toBe("'''");
     expect(b.docstring?.quote).toBe("'");
     expect(c.docstring).toBeNull();
@@ -88,7 +94,9 @@ describe('docstringTargets', () => {
   it('targets the innermost definition around the cursor', () => {
     const cursor = cell.indexOf('self.r = r');
     const targets = docstringTargets(cell, cursor);
-    expect(targets.kind === 'targets' && targets.definitions.map(d => d.name)).toEqual(['__init__']);
+    expect(targets.kind === 'targets' && targets.definitions.map(d => d.name)).toEqual([
+      '__init__'
+    ]);
   });
 
   it('reports a documented definition at the cursor', () => {
@@ -98,7 +106,11 @@ describe('docstringTargets', () => {
 
   it('targets every undocumented definition when the cursor is outside them', () => {
     const targets = docstringTargets(cell, 0);
-    expect(targets.kind === 'targets' && targets.definitions.map(d => d.name)).toEqual(['area', '__init__', 'grow']);
+    expect(targets.kind === 'targets' && targets.definitions.map(d => d.name)).toEqual([
+      'area',
+      '__init__',
+      'grow'
+    ]);
   });
 
   it('says when there is nothing to document', () => {

@@ -32,7 +32,12 @@ class StringSource implements IEditableSource {
   }
 }
 
-const answer = (text: string): ICompletionResult => ({ text, choices: [text], usage: {}, timings: {} });
+const answer = (text: string): ICompletionResult => ({
+  text,
+  choices: [text],
+  usage: {},
+  timings: {}
+});
 
 describe('detectStyle', () => {
   it('finds the quote, indentation step and a documented exemplar', () => {
@@ -44,7 +49,10 @@ describe('detectStyle', () => {
   });
 
   it("prefers the notebook's quotes and indentation", () => {
-    const style = detectStyle(["def f():\n  '''One.'''\n  return 1\n", "def g():\n  '''Two.'''\n  pass\n"]);
+    const style = detectStyle([
+      "def f():\n  '''One.'''\n  return 1\n",
+      "def g():\n  '''Two.'''\n  pass\n"
+    ]);
     expect(style.quote).toBe("'''");
     expect(style.indentUnit).toBe('  ');
   });
@@ -103,7 +111,9 @@ describe('docstringPrompt', () => {
 
 describe('formatDocstring', () => {
   it('cuts at the closing quotes and keeps one-liners on one line', () => {
-    expect(formatDocstring('Add two numbers."""\n    return a', '    ', '"""')).toBe('\n    """Add two numbers."""');
+    expect(formatDocstring('Add two numbers."""\n    return a', '    ', '"""')).toBe(
+      '\n    """Add two numbers."""'
+    );
   });
 
   it('re-indents continuation lines to the body and closes on its own line', () => {
@@ -194,7 +204,9 @@ describe('planDocstrings', () => {
       kind: 'nothing',
       reason: 'f already has a docstring.'
     });
-    expect(await planDocstrings({ ...base, source: 'x = 1', cursor: 0, complete })).toMatchObject({ kind: 'nothing' });
+    expect(await planDocstrings({ ...base, source: 'x = 1', cursor: 0, complete })).toMatchObject({
+      kind: 'nothing'
+    });
     expect(complete).not.toHaveBeenCalled();
   });
 });

@@ -2,7 +2,13 @@
 
 import { describeStatus } from '../describe';
 
-const model = { name: 'CodeLlama-7b', supports_infilling: true, max_context: 4096, device: 'cuda:0', dtype: 'bfloat16' };
+const model = {
+  name: 'CodeLlama-7b',
+  supports_infilling: true,
+  max_context: 4096,
+  device: 'cuda:0',
+  dtype: 'bfloat16'
+};
 
 describe('describeStatus', () => {
   it('says connecting before the first answer', () => {
@@ -21,14 +27,19 @@ describe('describeStatus', () => {
     expect(ready).toMatchObject({ state: 'ready', label: 'CodeLlama-7b: ready' });
     expect(ready.title).toContain('cuda:0');
     expect(ready.title).toContain('fill-in-the-middle');
-    expect(describeStatus({ state: 'ready', model, error: null }, 2)).toMatchObject({ state: 'busy', label: 'CodeLlama-7b: busy' });
+    expect(describeStatus({ state: 'ready', model, error: null }, 2)).toMatchObject({
+      state: 'busy',
+      label: 'CodeLlama-7b: busy'
+    });
   });
 
   it('puts the reason of an error on hover', () => {
-    expect(describeStatus({ state: 'error', model: null, error: 'CUDA out of memory' }, 0)).toEqual({
-      state: 'error',
-      label: 'Code Llama: error',
-      title: 'CUDA out of memory'
-    });
+    expect(describeStatus({ state: 'error', model: null, error: 'CUDA out of memory' }, 0)).toEqual(
+      {
+        state: 'error',
+        label: 'Code Llama: error',
+        title: 'CUDA out of memory'
+      }
+    );
   });
 });
