@@ -212,7 +212,8 @@ class OpenAIEngine:
     def display_url(self) -> str:
         default = 443 if self.scheme == "https" else 80
         port = "" if self.port == default else f":{self.port}"
-        return f"{self.scheme}://{self.host}{port}{self.prefix}/v1"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        return f"{self.scheme}://{host}{port}{self.prefix}/v1"
 
     def probe(self) -> None:
         """Ask `/v1/models`; sets `unavailable` (and the model's name and window on success)."""
@@ -521,24 +522,33 @@ class RemoteStream:
             if self.deadline is not None:
                 timeout = min(timeout, max(0.0, self.deadline - time.monotonic()))
             if self.cancel.wait(timeout) or (self.deadline is not None and time.monotonic() >= self.deadline):
-                self._disconnect()
+                self._interrupt()
                 return
 
     def close(self) -> None:
         """End the stream early; `stats` are final when this returns."""
-        self._disconnect()
+        self._done.set()
         if self._steps is not None:
-            self._steps.close()  # runs the generator's cleanup, which fills in the timings
+            self._steps.close()  # runs the generator's cleanup: the connection, the timings
+        self._disconnect()
 
-    def _disconnect(self) -> None:
-        """Drop the connection: vLLM and llama.cpp abort a generation whose client went away."""
+    def _interrupt(self) -> None:
+        """From any thread: shut the socket down, so the worker's blocked read returns at once.
+
+        Only the socket: closing the connection object under a reading thread races http.client.
+        """
         self._done.set()
         with self._lock:
-            opened, self._opened = self._opened, None
-        if opened is None:
-            return
-        sock = opened.connection.sock
+            opened = self._opened
+        sock = opened.connection.sock if opened is not None else None
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        opened.connection.close()
+
+    def _disconnect(self) -> None:
+        """On the worker thread: drop the connection; vLLM and llama.cpp abort a generation whose client went away."""
+        self._interrupt()
+        with self._lock:
+            opened, self._opened = self._opened, None
+        if opened is not None:
+            opened.connection.close()
