@@ -357,3 +357,19 @@ def test_docstring_button_writes_in_place_and_undoes_in_one_step(notebook: tuple
         page, lambda: cell_source(page, 2) == original, timeout_s=10, what="one undo to remove the docstring"
     )
     shot(page, "09-docstring-undone")
+
+
+def test_docstring_from_the_context_menu_of_a_cell_that_is_not_active(notebook: tuple[Page, Frames]) -> None:
+    page, _ = notebook
+    original = cell_source(page, 2)
+    # Right-clicking does not make the cell active; the command must still act on the clicked cell.
+    page.locator(".jp-Notebook .jp-Cell").nth(2).locator(".cm-content").click(button="right")
+    item = page.get_by_role("menuitem", name="Generate docstring")
+    item.wait_for(timeout=5_000)
+    shot(page, "10-docstring-context-menu")
+    item.click()
+    wait_until(page, lambda: cell_source(page, 2) != original, timeout_s=60, what="the docstring")
+    lines = cell_source(page, 2).split("\n")
+    assert lines[0] == "def add(a, b):" and lines[1].startswith('    """') and lines[-1] == "    return a + b"
+    assert cell_source(page, 1) == "".join(NOTEBOOK["cells"][1]["source"])
+    shot(page, "11-docstring-from-context-menu")

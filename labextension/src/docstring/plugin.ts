@@ -5,6 +5,7 @@ import { ICommandPalette, Notification } from '@jupyterlab/apputils';
 import type { Cell } from '@jupyterlab/cells';
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
+import type { ReadonlyPartialJSONObject } from '@lumino/coreutils';
 import { docstringIcon } from '../icons';
 import { CommandIds, ICodeLlamaClient, PLUGIN_PREFIX } from '../tokens';
 import {
@@ -37,14 +38,19 @@ export const docstringPlugin: JupyterFrontEndPlugin<void> = {
     let settings: IDocstringSettings = DEFAULT_DOCSTRING_SETTINGS;
     const busyCells = new Set<string>();
     const id = CommandIds.generateDocstring;
-    const activeCodeCell = () => {
-      const cell = tracker.activeCell;
+    /**
+     * The cell the command is for: the one right-clicked when run from the
+     * context menu (right-clicking does not activate a cell), else the active one.
+     */
+    const codeCellFor = (args: ReadonlyPartialJSONObject): Cell | null => {
+      let cell: Cell | null = tracker.activeCell;
+      if (args.origin === 'context-menu') {
+        const node = app.contextMenuHitTest(n => n.classList.contains('jp-Cell'));
+        cell = tracker.currentWidget?.content.widgets.find(w => w.node === node) ?? null;
+      }
       return cell && cell.model.type === 'code' ? cell : null;
     };
-    const isBusy = () => {
-      const cell = activeCodeCell();
-      return !!cell && busyCells.has(cell.model.id);
-    };
+    const isBusy = (cell: Cell | null) => !!cell && busyCells.has(cell.model.id);
     const refresh = () => app.commands.notifyCommandChanged(id);
 
     const generate = async (cell: Cell) => {
@@ -110,15 +116,18 @@ export const docstringPlugin: JupyterFrontEndPlugin<void> = {
     };
 
     app.commands.addCommand(id, {
-      label: () => (isBusy() ? 'Generating docstring…' : 'Generate docstring'),
+      label: args => (isBusy(codeCellFor(args)) ? 'Generating docstring…' : 'Generate docstring'),
       caption:
         'Ask Code Llama to write the docstring of the function or class at the cursor (or of every undocumented one in the cell)',
       icon: docstringIcon,
-      className: () => (isBusy() ? BUSY_CLASS : ''),
-      isVisible: () => activeCodeCell() !== null,
-      isEnabled: () => activeCodeCell() !== null && !isBusy(),
-      execute: async () => {
-        const cell = activeCodeCell();
+      className: args => (isBusy(codeCellFor(args)) ? BUSY_CLASS : ''),
+      isVisible: args => codeCellFor(args) !== null,
+      isEnabled: args => {
+        const cell = codeCellFor(args);
+        return cell !== null && !isBusy(cell);
+      },
+      execute: async args => {
+        const cell = codeCellFor(args);
         if (!cell || busyCells.has(cell.model.id)) {
           return;
         }
