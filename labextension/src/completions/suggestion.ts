@@ -21,6 +21,8 @@ export class LiveSuggestion {
     // The server streams the first candidate; the others arrive whole with `done`.
     this._stream = options.client.stream(options.request, (_delta, soFar) => {
       this._texts[0] = soFar;
+      // Text typed ahead of generation is only judged once the model's text reaches it.
+      this._cancelIfDiverged();
       this._notify();
     });
     this._stream.done.then(
@@ -89,9 +91,7 @@ export class LiveSuggestion {
 
   /** Called on every edit of the editor: a suggestion typed past is stopped on the server. */
   noteEditorChange(): void {
-    if (!this._finished && this.view(0).kind === 'diverged') {
-      this.cancel();
-    }
+    this._cancelIfDiverged();
     this._notify();
   }
 
@@ -119,6 +119,12 @@ export class LiveSuggestion {
         return;
       }
       await this._nextChange();
+    }
+  }
+
+  private _cancelIfDiverged(): void {
+    if (!this._finished && this.view(0).kind === 'diverged') {
+      this.cancel();
     }
   }
 

@@ -133,6 +133,14 @@ describe('LiveSuggestion', () => {
     expect(shown).toEqual(['ar']);
   });
 
+  it('cancels when the first text to arrive contradicts what the user typed meanwhile', () => {
+    const { server, type } = setup();
+    type('x');
+    expect(server.cancels).toBe(0); // nothing generated yet: the model may still write 'x'
+    server.chunk('o');
+    expect(server.cancels).toBe(1);
+  });
+
   it('is not followed once the user typed all of a finished suggestion', async () => {
     const { server, suggestion, type } = setup();
     server.chunk('o');
