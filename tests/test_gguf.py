@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernel_model import Prompt, SamplingParams
+from kernel_model import EMBEDDED_PATH, Prompt, SamplingParams, load_model
 from kernel_model.__main__ import main as cli
 from kernel_model.checkpoint import make_test_checkpoint
 from kernel_model.gguf import export_gguf, gguf_name
@@ -104,12 +104,20 @@ def test_names_and_errors(tmp_path: Path) -> None:
 # -- llama.cpp itself ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama(fim_gguf: Path):
+@pytest.fixture(scope="module", params=["fim_checkpoint", "embedded"])
+def pair(request, tmp_path_factory: pytest.TempPathFactory, fim_model):
+    """(kernel_model's model, llama.cpp's Llama on its f32 export): the random test model and the shipped one."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(
-        model_path=str(fim_gguf), n_ctx=1024, n_threads=2, logits_all=False, verbose=False, seed=0
-    )
+    if request.param == "embedded":
+        if not (EMBEDDED_PATH / "params.json").is_file():
+            pytest.skip("no embedded model in this checkout")
+        model, source = load_model("embedded", device="cpu", dtype="float32"), "embedded"
+    else:
+        model, source = fim_model, request.getfixturevalue("fim_checkpoint")
+    out = tmp_path_factory.mktemp("llama") / f"{request.param}.gguf"
+    export_gguf(source, out, "f32")
+    llama = llama_cpp.Llama(model_path=str(out), n_ctx=1024, n_threads=2, logits_all=False, verbose=False)
+    return model, llama
 
 
 def greedy_kernel_model(model, prompt: Prompt, steps: int) -> list[int]:
@@ -128,13 +136,20 @@ def greedy_llama_cpp(llama, ids: list[int], stops: frozenset[int], steps: int) -
     return tokens
 
 
-def test_llama_cpp_tokenizes_like_sentencepiece(llama, fim_model) -> None:
+def test_llama_cpp_tokenizes_like_sentencepiece(pair) -> None:
     from jupyter_codellama.remote import fim_prompt
 
-    tok = fim_model.tokenizer
+    model, llama = pair
+    tok = model.tokenizer
     for text in [*COMPLETIONS, "  x = 1\n\tprint('naïve ☃ 😀')\n"]:
         assert llama.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text, bos=True), text
     # The remote backend sends FIM prompts as raw text: llama.cpp must find Meta's ids in it.
+    if is_user_defined(tok, tok.prefix_id):
+        # The embedded tokenizer's FIM pieces are USER_DEFINED. sentencepiece matches them in text,
+        # but llama.cpp only matches a user-defined piece's exact text, and it puts a space before the
+        # text that follows one. Code Llama's FIM pieces are NORMAL pieces that BPE reaches by merges,
+        # which llama.cpp reproduces.
+        pytest.xfail("llama.cpp cannot find user-defined FIM pieces in raw text (embedded tokenizer)")
     for prefix, suffix in INFILLS:
         for order in ("psm", "spm"):
             expected = infilling_prompt(tok, prefix, suffix, suffix_first=order == "spm", heal=False).ids
@@ -142,14 +157,21 @@ def test_llama_cpp_tokenizes_like_sentencepiece(llama, fim_model) -> None:
             assert llama.tokenize(raw, add_bos=True, special=True) == expected, (order, prefix)
 
 
-def test_llama_cpp_greedy_equals_kernel_model(llama, fim_model) -> None:
-    tok = fim_model.tokenizer
+def is_user_defined(tok, index: int) -> bool:
+    from kernel_model.vocab import USER_DEFINED, read_pieces
+
+    return read_pieces(tok.path.read_bytes())[index][2] == USER_DEFINED
+
+
+def test_llama_cpp_greedy_equals_kernel_model(pair) -> None:
+    model, llama = pair
+    tok = model.tokenizer
     prompts = [completion_prompt(tok, text, heal=False) for text in COMPLETIONS]
     prompts += [infilling_prompt(tok, p, s, suffix_first=True, heal=False) for p, s in INFILLS]
     prompts += [infilling_prompt(tok, *INFILLS[0], suffix_first=False, heal=False)]
     with torch.inference_mode():
         for prompt in prompts:
-            ours = greedy_kernel_model(fim_model, prompt, 24)
+            ours = greedy_kernel_model(model, prompt, 24)
             theirs = greedy_llama_cpp(llama, prompt.ids, prompt.stop_ids, 24)
             assert len(ours) == 24 or ours[-1] in prompt.stop_ids
             assert theirs == ours, tok.decode(prompt.ids)
