@@ -172,7 +172,7 @@ class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, Jupyter
             body = decode_message(message, self.limits.max_message_bytes)
             kind = body.get("type")
             given_id = body.get("id")
-            if isinstance(given_id, str) and len(given_id) <= MAX_ID_LENGTH:
+            if isinstance(given_id, str) and 0 < len(given_id) <= MAX_ID_LENGTH:
                 reply_id = given_id
             if kind == "cancel":
                 job = self.jobs.get(request_id(body))
