@@ -88,8 +88,10 @@ class KVCache(nn.Module):
         if total <= self.capacity:
             return
         new_capacity = max(total, min(2 * self.capacity, self.args.max_context), 256)
-        grown_k = self.k.new_empty((*self.k.shape[:3], new_capacity, self.k.shape[4]))
-        grown_v = torch.empty_like(grown_k)
+        # Zeros, not garbage: a static decode step (fast.py) attends over a whole span with the
+        # unwritten tail masked, and a masked NaN would still poison the softmax.
+        grown_k = self.k.new_zeros((*self.k.shape[:3], new_capacity, self.k.shape[4]))
+        grown_v = torch.zeros_like(grown_k)
         grown_k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
         grown_v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
         self.k, self.v = grown_k, grown_v
