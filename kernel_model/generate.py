@@ -6,17 +6,20 @@ yields text deltas and leaves its `result` behind, so callers can stream, cancel
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from .errors import ModelError, PromptTooLong
 from .model import KVCache, Transformer
-from .prompts import Prompt, healing_candidates
+from .prompts import Prompt
 from .tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"  # what sentencepiece decodes an incomplete UTF-8 sequence to
@@ -59,11 +62,15 @@ class PrefixCache:
 
     Typing at the cursor changes only a prompt's tail, so nearly all of a long notebook's keys and
     values are reused. Each slot holds one sequence's cache and the tokens it was computed from.
+    `max_bytes` bounds the caches' memory as well as their number: with several long notebooks
+    open, the least recently used ones go first. An evicted slot's cache is handed to the next
+    prompt rather than freed, so its memory (and any decode graphs captured over it) live on.
     """
 
-    def __init__(self, model: Transformer, slots: int = 2) -> None:
+    def __init__(self, model: Transformer, slots: int = 2, max_bytes: int | None = None) -> None:
         self.model = model
         self.slots = slots
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[int, tuple[KVCache, list[int]]] = OrderedDict()
         self._next_key = 0
 
@@ -77,9 +84,12 @@ class PrefixCache:
         if best_key is None or (best_len == 0 and len(self._entries) < self.slots):
             best_key, best_len = self._next_key, 0
             self._next_key += 1
-            self._entries[best_key] = (self.model.new_cache(), [])
-            while len(self._entries) > self.slots:
-                self._entries.popitem(last=False)
+            spare = None
+            while len(self._entries) >= self.slots:
+                spare = self._entries.popitem(last=False)[1][0]
+            if spare is not None:
+                spare.truncate(0)
+            self._entries[best_key] = (spare if spare is not None else self.model.new_cache(), [])
         self._entries.move_to_end(best_key)
         cache, tokens = self._entries[best_key]
         reused = min(best_len, len(ids) - 1)  # the last prompt token runs again: its logits start decoding
@@ -91,6 +101,24 @@ class PrefixCache:
         if key in self._entries:
             self._entries[key][1][:] = tokens
 
+    def append(self, key: int, token: int) -> None:
+        """One more token computed into the cache (record() without copying the whole list)."""
+        if key in self._entries:
+            self._entries[key][1].append(token)
+
+    def fit(self, keep: int) -> None:
+        """Drop least recently used caches until the rest fit in max_bytes; `keep` always stays."""
+        if self.max_bytes is None:
+            return
+        for key in list(self._entries):
+            if self.nbytes() <= self.max_bytes:
+                return
+            if key != keep:
+                del self._entries[key]
+
+    def nbytes(self) -> int:
+        return sum(cache.k.nbytes + cache.v.nbytes for cache, _ in self._entries.values())
+
     def discard(self, key: int) -> None:
         self._entries.pop(key, None)
 
@@ -100,9 +128,15 @@ class PrefixCache:
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
+    # Compare whole blocks at C speed (list slices), then find the first difference in the block
+    # that has one: a 16k-token notebook is checked on every keystroke.
+    block = 256
+    for at in range(0, n, block):
+        end = min(at + block, n)
+        if a[at:end] != b[at:end]:  # (a list and a tuple never compare equal: the loop decides)
+            for i in range(at, end):
+                if a[i] != b[i]:
+                    return i
     return n
 
 
@@ -119,6 +153,54 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return int(order[choice])
 
 
+class HealingIndex:
+    """`prompts.healing_candidates` without scanning the vocabulary on every keystroke.
+
+    Pieces that the healed text starts with are found by looking up each of its prefixes; pieces
+    that start with it form one range of the sorted piece texts. Answers are kept per text, as
+    index tensors on the device that masks the logits.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.by_text: dict[str, list[int]] = {}
+        pairs = []
+        for index, text in enumerate(tokenizer.piece_texts):
+            if text:
+                self.by_text.setdefault(text, []).append(index)
+                pairs.append((text, index))
+        pairs.sort()
+        self.sorted_texts = [text for text, _ in pairs]
+        self.sorted_ids = [index for _, index in pairs]
+        self._tensors: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def candidates(self, remaining: str) -> list[int]:
+        found = set()
+        for size in range(1, len(remaining) + 1):
+            found.update(self.by_text.get(remaining[:size], ()))
+        at = bisect.bisect_left(self.sorted_texts, remaining)
+        while at < len(self.sorted_texts) and self.sorted_texts[at].startswith(remaining):
+            found.add(self.sorted_ids[at])
+            at += 1
+        return sorted(found)
+
+    def tensor(self, remaining: str, device: torch.device) -> torch.Tensor:
+        key = (remaining, device)
+        if key not in self._tensors:
+            if len(self._tensors) >= 256:
+                self._tensors.clear()
+            self._tensors[key] = torch.tensor(self.candidates(remaining), dtype=torch.long, device=device)
+        return self._tensors[key]
+
+
+_healing_indexes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def healing_index(tokenizer: Tokenizer) -> HealingIndex:
+    if tokenizer not in _healing_indexes:
+        _healing_indexes[tokenizer] = HealingIndex(tokenizer)
+    return _healing_indexes[tokenizer]
+
+
 class TextAssembler:
     """Turns generated ids into text deltas that never split a character nor show a stop string."""
 
@@ -130,10 +212,18 @@ class TextAssembler:
         self.emitted = 0
         self.text = ""
         self.stopped = False
+        # Decoded text up to the last id that ends on a character boundary: only the ids after it
+        # are decoded again, so a step costs the same at token 5 and at token 500.
+        self._settled_text = ""
+        self._settled_ids = 0
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        decoded = self.tokenizer.decode_infilling(self.ids)
+        decoded = self._settled_text + self.tokenizer.decode_infilling(self.ids[self._settled_ids :])
+        if self.tokenizer.piece_texts[token] is not None:
+            # Plain text (not a byte of a longer character, not a special piece): what follows
+            # decodes the same on its own.
+            self._settled_text, self._settled_ids = decoded, len(self.ids)
         if len(decoded) < len(self.heal):
             return ""
         text = decoded[len(self.heal) :]
@@ -167,6 +257,38 @@ def longest_partial_stop(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+class Decoder(Protocol):
+    """How a generation runs the model: logits after chosen ids, or a stream of greedy ids.
+
+    `logits` serves the prompt, sampled tokens and healed ones; `greedy` the common case, where a
+    decoder may keep the device a step ahead of the host. Both write keys and values into `cache`.
+    """
+
+    def logits(self, ids: Sequence[int], start: int, cache: KVCache) -> torch.Tensor:
+        """float32 logits [V] of the last of `ids`, which sit at positions start.. of the sequence."""
+
+    def greedy(self, token: int, start: int, cache: KVCache, vocab: int) -> Iterator[int]:
+        """Feed `token` at `start`, then yield argmax ids (over the first `vocab`) forever."""
+
+
+class ModelDecoder:
+    """A decoder over any module with `Transformer.forward`'s contract, one step per call."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.device = model.tok_embeddings.weight.device if isinstance(model, Transformer) else model.device
+
+    def logits(self, ids: Sequence[int], start: int, cache: KVCache) -> torch.Tensor:
+        batch = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        return self.model(batch, start=start, cache=cache, last_only=True)[0, -1]
+
+    def greedy(self, token: int, start: int, cache: KVCache, vocab: int) -> Iterator[int]:
+        while True:
+            token = int(self.logits([token], start, cache)[:vocab].argmax())
+            start += 1
+            yield token
+
+
 class Generation:
     """One request's generation: iterate for text deltas; `result` is complete when iteration ends."""
 
@@ -179,6 +301,7 @@ class Generation:
         cache: PrefixCache,
         cancel: threading.Event | None = None,
         lock: threading.Lock | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -187,6 +310,7 @@ class Generation:
         self.cache = cache
         self.cancel = cancel or threading.Event()
         self.lock = lock or threading.Lock()
+        self.decoder = decoder if decoder is not None else ModelDecoder(model)
         self.result = GenerationResult(prompt_tokens=len(prompt.ids))
         context = model.args.max_context
         if len(prompt.ids) >= context:
@@ -220,10 +344,11 @@ class Generation:
             yield from self._run()
 
     def _run(self) -> Iterator[str]:
-        params, result, tokenizer = self.params, self.result, self.tokenizer
+        params, result, tokenizer, decoder = self.params, self.result, self.tokenizer, self.decoder
+        device = self.model.tok_embeddings.weight.device
         generator = None
         if params.temperature > 0:
-            generator = torch.Generator(device=self.model.tok_embeddings.weight.device)
+            generator = torch.Generator(device=device)
             generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns()) % 2**63)
         assembler = TextAssembler(tokenizer, self.prompt.heal, params.stop)
         key, kv, reused = self.cache.acquire(self.prompt.ids)
@@ -232,7 +357,12 @@ class Generation:
         self.cache.record(key, tokens[:reused])
         started = time.perf_counter()
         try:
-            logits = self._forward(tokens[reused:], reused, kv)
+            # Room for the whole completion now, so no step reallocates the cache mid-stream.
+            kv.reserve(len(tokens) + self.max_new_tokens)
+            self.cache.fit(keep=key)
+            logits = decoder.logits(tokens[reused:], reused, kv)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # prefill_ms is the device's time, not the launch's
         except BaseException:
             self.cache.discard(key)
             raise
@@ -241,6 +371,7 @@ class Generation:
         started = time.perf_counter()
         remaining_heal = self.prompt.heal
         vocab = tokenizer.vocab_size
+        stream: Iterator[int] | None = None  # greedy ids once no step needs the logits themselves
         try:
             for step in range(self.max_new_tokens):
                 if self.cancel.is_set():
@@ -249,13 +380,11 @@ class Generation:
                 if params.deadline is not None and time.monotonic() > params.deadline:
                     result.finish_reason = "deadline"
                     break
-                step_logits = logits[0, -1, :vocab]
-                if remaining_heal:
-                    allowed = healing_candidates(tokenizer, remaining_heal)
-                    masked = torch.full_like(step_logits, float("-inf"))
-                    masked[allowed] = step_logits[allowed]
-                    step_logits = masked
-                token = sample(step_logits, params.temperature, params.top_p, generator)
+                if stream is not None:
+                    token = next(stream)
+                    self.cache.append(key, tokens[-1])  # its step has run (or is queued before any other)
+                else:
+                    token = self._choose(logits[:vocab], remaining_heal, generator)
                 if remaining_heal:
                     piece = tokenizer.piece_texts[token] or ""
                     remaining_heal = remaining_heal[len(piece) :] if remaining_heal.startswith(piece) else ""
@@ -274,8 +403,11 @@ class Generation:
                     result.finish_reason = "length"
                     break
                 tokens.append(token)
-                logits = self._forward([token], len(tokens) - 1, kv)
-                self.cache.record(key, tokens)
+                if stream is None and params.temperature == 0 and not remaining_heal:
+                    stream = decoder.greedy(token, len(tokens) - 1, kv, vocab)
+                elif stream is None:
+                    logits = decoder.logits([token], len(tokens) - 1, kv)
+                    self.cache.append(key, token)
         except GeneratorExit:
             # The caller stopped reading (its own stop rule): what the cache holds is still valid.
             result.finish_reason = result.finish_reason or "closed"
@@ -291,7 +423,11 @@ class Generation:
         if tail:
             yield tail
 
-    def _forward(self, ids: list[int], start: int, kv: KVCache) -> torch.Tensor:
-        device = self.model.tok_embeddings.weight.device
-        batch = torch.tensor([ids], dtype=torch.long, device=device)
-        return self.model(batch, start=start, cache=kv, last_only=True)
+    def _choose(self, logits: torch.Tensor, remaining_heal: str, generator: torch.Generator | None) -> int:
+        if remaining_heal:
+            # Only pieces that agree with the text cut from the prompt may come first.
+            allowed = healing_index(self.tokenizer).tensor(remaining_heal, logits.device)
+            masked = torch.full_like(logits, float("-inf"))
+            masked[allowed] = logits[allowed]
+            logits = masked
+        return sample(logits, self.params.temperature, self.params.top_p, generator)
