@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +12,8 @@ import torch
 
 from .checkpoint import load_transformer
 from .errors import ModelError
-from .generate import Generation, PrefixCache, SamplingParams
+from .fast import MIN_BUCKET, FastDecoder, FastTransformer, describe, int8_parameters, quantize_int8
+from .generate import Decoder, Generation, ModelDecoder, PrefixCache, SamplingParams, healing_index
 from .model import Transformer, count_parameters
 from .prompts import Prompt, completion_prompt, infilling_prompt
 from .tokenizer import Tokenizer
@@ -18,6 +21,10 @@ from .tokenizer import Tokenizer
 EMBEDDED_PATH = Path(__file__).parent / "embedded"
 DEFAULT_CONTEXT = 16_384
 MAX_CONTEXT = 100_000  # Code Llama's long-context claim; RoPE theta 1e6 was trained for it
+CACHE_SLOTS = 4  # notebooks whose prompts keep their keys and values (least recently used out first)
+QUANTIZATIONS = ("int8",)
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -54,8 +61,20 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     max_context: int = DEFAULT_CONTEXT,
+    *,
+    fast: bool = True,
+    quant: str | None = None,
+    compile: bool | str = False,
+    graphs: bool | None = None,
+    warmup: bool | None = None,
 ) -> CodeLlama:
-    """A checkpoint folder (Meta or Hugging Face layout) or "embedded", ready to generate."""
+    """A checkpoint folder (Meta or Hugging Face layout) or "embedded", ready to generate.
+
+    `fast` (default) runs fused projections and, on CUDA, decode steps replayed as CUDA graphs
+    (`graphs`, default on there); `quant="int8"` stores projections as int8 with per-row scales;
+    `compile` also compiles the decode step (True: inductor, or a torch.compile backend name).
+    `warmup` (default: on CUDA or when compiling) does at load what the first keystroke would.
+    """
     if not 16 <= max_context <= MAX_CONTEXT:
         raise ModelError(f"max_context must be between 16 and {MAX_CONTEXT}, not {max_context}")
     embedded = str(path) == "embedded"
@@ -76,21 +95,98 @@ def load_model(
             f"{model.args.vocab_size}: they do not belong together"
         )
     name = "embedded" if embedded else folder.name
-    return CodeLlama(model, tokenizer, name=name, layout=layout)
+    if warmup is None:
+        warmup = resolved_device.type == "cuda" or bool(compile)
+    return CodeLlama(
+        model, tokenizer, name=name, layout=layout,
+        fast=fast, quant=quant, compile=compile, graphs=graphs, warmup=warmup,
+    )  # fmt: skip
+
+
+def default_cache_bytes(device: torch.device) -> int | None:
+    """How much the prefix cache may hold: 40% of the GPU memory left after loading, or of RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.4 * free)
+    try:
+        return int(0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return None
 
 
 class CodeLlama:
-    """A loaded model and its tokenizer. Thread-safe: generations run one at a time."""
+    """A loaded model and its tokenizer. Thread-safe: generations run one at a time.
+
+    `fast`, `quant`, `compile`, `graphs` and `warmup` as `load_model` describes them; `fast=False`
+    runs the plain `Transformer.forward`, the reference every fast path is tested against.
+    """
 
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, name: str, layout: str, cache_slots: int = 2
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        name: str,
+        layout: str,
+        cache_slots: int = CACHE_SLOTS,
+        *,
+        cache_bytes: int | None = None,
+        fast: bool = True,
+        quant: str | None = None,
+        compile: bool | str = False,
+        graphs: bool | None = None,
+        warmup: bool = False,
     ):
+        if quant is not None and quant not in QUANTIZATIONS:
+            raise ModelError(f"unknown quantization {quant!r}; use {', '.join(QUANTIZATIONS)}")
+        if quant == "int8":
+            quantize_int8(model)
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.layout = layout
-        self.prefix_cache = PrefixCache(model, slots=cache_slots)
+        self.quant = quant
+        self.decoder: Decoder = self._decoder(fast, compile, graphs)
+        if cache_bytes is None:
+            cache_bytes = default_cache_bytes(self.device)
+        self.prefix_cache = PrefixCache(model, slots=cache_slots, max_bytes=cache_bytes)
         self._lock = threading.Lock()
+        if warmup:
+            self.warmup()
+
+    def _decoder(self, fast: bool, compile: bool | str, graphs: bool | None) -> Decoder:
+        if not fast:
+            return ModelDecoder(self.model)
+        cuda = self.device.type == "cuda"
+        if graphs and not cuda:
+            raise ModelError("CUDA graphs need a CUDA device")
+        return FastDecoder(
+            FastTransformer(self.model), graphs=cuda if graphs is None else graphs, compile=compile
+        )
+
+    def warmup(self) -> None:
+        """Pay now what the first keystroke would: the healing index, compilation, graph capture.
+
+        Static decode steps are checked against the eager forward; if they disagree the engine
+        falls back to eager steps (and says so in the log) rather than serve wrong tokens.
+        """
+        healing_index(self.tokenizer)
+        decoder = self.decoder
+        if not isinstance(decoder, FastDecoder) or not decoder.static:
+            return
+        tolerance = 1e-3 if self.dtype == torch.float32 else 5e-2
+        # Two spans, so a compiled step meets a second cache length now, not on a user's keystroke.
+        for length in (8, MIN_BUCKET + 8):
+            if length + 8 > self.max_context:
+                break
+            prompt = [self.tokenizer.bos_id, *range(100, 100 + length - 1)]
+            difference = decoder.check(prompt)
+            if not difference <= tolerance:
+                log.warning(
+                    "static decode steps differ from the eager forward by %.3g (relative); "
+                    "decoding eagerly instead", difference,
+                )  # fmt: skip
+                self.decoder = FastDecoder(decoder.fast)
+                return
 
     @property
     def supports_infilling(self) -> bool:
@@ -113,7 +209,7 @@ class CodeLlama:
         return {
             "name": self.name,
             "layout": self.layout,
-            "parameters": count_parameters(self.model),
+            "parameters": count_parameters(self.model) + int8_parameters(self.model),
             "layers": args.n_layers,
             "dim": args.dim,
             "heads": args.n_heads,
@@ -124,6 +220,8 @@ class CodeLlama:
             "supports_infilling": self.supports_infilling,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quant": self.quant,
+            "decoder": describe(self.decoder),
         }
 
     # -- prompts and the low-level generation the server uses ------------------------------------
@@ -138,7 +236,9 @@ class CodeLlama:
         self, prompt: Prompt, params: SamplingParams, cancel: threading.Event | None = None
     ) -> Generation:
         """A generation to iterate (text deltas); set `cancel` from any thread to stop it between tokens."""
-        return Generation(self.model, self.tokenizer, prompt, params, self.prefix_cache, cancel, self._lock)
+        return Generation(
+            self.model, self.tokenizer, prompt, params, self.prefix_cache, cancel, self._lock, self.decoder
+        )
 
     # -- the string API ---------------------------------------------------------------------------
 

@@ -1,0 +1,590 @@
+"""Inference fast paths over a loaded `Transformer`: fused projections, a cached RoPE table, int8 weights,
+chunked prefill, and a static-shape decode step that CUDA graphs (and optionally torch.compile) replay.
+
+`FastTransformer.forward` has `Transformer.forward`'s contract, so the plain model stays the reference
+the tests compare against. The decoders here drive generation one token at a time; on a GPU the
+greedy one keeps the next step queued before it reads a token back, so the host never waits for
+the device between tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+
+from .model import KVCache, Transformer
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 8192  # longer prompts run in chunks: bounded activations, and no [T, S] mask ever built
+MIN_BUCKET = 256  # the smallest key span a captured decode step attends over
+MAX_GRAPHS = 48  # captured decode steps kept (slots x buckets); older ones are dropped first
+
+
+# -- int8 weight-only quantization ----------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer holding int8 weights and one scale per output row (symmetric)."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)  # [out, in] int8
+        self.register_buffer("scales", scales)  # [out], the activations' dtype
+
+    @classmethod
+    def quantize(cls, linear: nn.Linear) -> Int8Linear:
+        weight, scales = quantize_rows(linear.weight.detach())
+        return cls(weight, scales)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The scale applies after the sum: compiled, the int8 → x.dtype conversion fuses into the matmul.
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8: w ≈ q * scale with q in [-127, 127]."""
+    w32 = weight.float()
+    scales = w32.abs().amax(dim=1).clamp(min=1e-8) / 127
+    q = torch.round(w32 / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales.to(weight.dtype)
+
+
+@torch.no_grad()
+def quantize_int8(model: Transformer) -> Transformer:
+    """Replace every projection (attention, feed-forward, output) by an `Int8Linear`, in place.
+
+    Embeddings and norms stay in the model's dtype: a step reads one embedding row, so only the
+    matrices it reads whole are worth halving.
+    """
+    for layer in model.layers:
+        for parent in (layer.attention, layer.feed_forward):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear.quantize(child))
+    if isinstance(model.output, nn.Linear):
+        model.output = Int8Linear.quantize(model.output)
+    return model
+
+
+def int8_parameters(model: nn.Module) -> int:
+    """Weights held as int8 buffers, which `model.parameters()` does not list."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear))
+
+
+def dequantize(model: Transformer) -> Transformer:
+    """The float model an int8 model stands for (its own reference in the tests), in place."""
+    for module in [model, *model.layers, *(m for layer in model.layers for m in layer.children())]:
+        for name, child in list(module.named_children()):
+            if isinstance(child, Int8Linear):
+                linear = nn.Linear(child.weight.shape[1], child.weight.shape[0], bias=False)
+                linear.weight = nn.Parameter(child.dequantized(), requires_grad=False)
+                setattr(module, name, linear)
+    return model
+
+
+# -- fused weights --------------------------------------------------------------------------------
+
+
+def _matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(module, Int8Linear):
+        return module.weight, module.scales
+    return module.weight.detach(), None
+
+
+def _fuse(modules: list[nn.Module], transpose: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One matrix [in, out] (and per-output scales) for projections of the same input; x @ it applies them.
+
+    The modules are rebound to views of it, so memory holds one copy and `state_dict()` — and the
+    plain forward, the reference — still see each projection under its own name. `transpose`
+    stores it [in, out] in memory; otherwise it is a view of the usual [out, in] layout.
+    """
+    parts = [_matrix(m) for m in modules]
+    weight = parts[0][0] if len(parts) == 1 else torch.cat([w for w, _ in parts])
+    scales = parts[0][1] if len(parts) == 1 or parts[0][1] is None else torch.cat([s for _, s in parts])
+    matrix = weight.t().contiguous() if transpose else weight.t()
+    column = 0
+    for module, (w, _) in zip(modules, parts, strict=True):
+        columns = slice(column, column + w.shape[0])
+        view = matrix[:, columns].t()
+        if isinstance(module, Int8Linear):
+            module.weight, module.scales = view, scales[columns]
+        else:
+            module.weight = nn.Parameter(view, requires_grad=False)
+        column += w.shape[0]
+    return matrix, scales
+
+
+def transposes(device: torch.device, out_features: int, in_features: int) -> bool:
+    # CPU BLAS computes x @ W faster from a [in, out] copy when W is much taller than wide (the
+    # output projection: 3x at dim 256); GPUs read the usual layout at full speed.
+    return device.type == "cpu" and out_features >= 4 * in_features
+
+
+class FastLayer(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        attention, ffn = block.attention, block.feed_forward
+        self.n_heads, self.n_kv_heads = attention.n_heads, attention.n_kv_heads
+        self.head_dim = attention.head_dim
+        device = attention.wq.weight.device
+        dim, hidden = attention.wq.weight.shape[1], ffn.w1.weight.shape[0]
+        qkv_rows = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        fused = {
+            "qkv": _fuse([attention.wq, attention.wk, attention.wv], transposes(device, qkv_rows, dim)),
+            "13": _fuse([ffn.w1, ffn.w3], transposes(device, 2 * hidden, dim)),  # gate, up: one matmul
+            "o": _fuse([attention.wo], False),
+            "2": _fuse([ffn.w2], False),
+        }
+        for name, (matrix, scales) in fused.items():
+            self.register_buffer(f"w{name}", matrix, persistent=False)
+            self.register_buffer(f"s{name}", scales, persistent=False)
+        self.attention_norm = block.attention_norm.weight.detach()
+        self.ffn_norm = block.ffn_norm.weight.detach()
+        self.eps = block.attention_norm.eps
+
+
+def linear(x: torch.Tensor, matrix: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """x @ matrix [in, out], with int8 matrices converted and scaled per output."""
+    if scales is None:
+        return x @ matrix
+    return (x @ matrix.to(x.dtype)) * scales
+
+
+def residual(
+    h: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor, scales: torch.Tensor | None
+) -> torch.Tensor:
+    """h + x @ matrix, in one op where the matrix needs no scaling (2-D h and x)."""
+    if scales is None:
+        return torch.addmm(h, x, matrix)
+    return h + linear(x, matrix, scales)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # In float32 whatever the dtype, rounded back before the weight, as model.RMSNorm does.
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
+
+
+def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """RoPE on [B, T, H, D] with Meta's interleaved pairs as complex numbers; freqs: complex [T, D/2]."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * freqs[:, None, :]).flatten(-2).type_as(x)
+
+
+class RotaryTable:
+    """cos + i·sin of every position's angles, grown geometrically like the KV cache.
+
+    Angles are computed in float64 exactly as model.rope_tables does, so both paths rotate by the
+    same float32 numbers.
+    """
+
+    def __init__(self, head_dim: int, theta: float, max_context: int, device: torch.device) -> None:
+        self.half, self.theta, self.max_context, self.device = head_dim // 2, theta, max_context, device
+        self.table = torch.empty((0, self.half), dtype=torch.complex64, device=device)
+
+    def reserve(self, end: int) -> torch.Tensor:
+        if end > self.table.shape[0]:
+            size = min(max(end, 2 * self.table.shape[0], 1024), max(self.max_context, end))
+            exponent = torch.arange(0, self.half, device=self.device, dtype=torch.float64) / self.half
+            inv_freq = 1.0 / (self.theta**exponent)
+            angles = torch.outer(torch.arange(size, device=self.device, dtype=torch.float64), inv_freq)
+            self.table = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+        return self.table
+
+    def __call__(self, start: int, end: int) -> torch.Tensor:
+        return self.reserve(end)[start:end]
+
+
+# -- the fast model -------------------------------------------------------------------------------
+
+
+class FastTransformer(nn.Module):
+    """The inference view of a loaded Transformer: `forward` as the model's, with fewer, larger ops."""
+
+    def __init__(self, model: Transformer, prefill_chunk: int = PREFILL_CHUNK) -> None:
+        super().__init__()
+        self.model = model
+        self.args = model.args
+        self.prefill_chunk = prefill_chunk
+        self.layers = nn.ModuleList(FastLayer(block) for block in model.layers)
+        self.embedding = model.tok_embeddings.weight.detach()
+        self.norm = model.norm.weight.detach()
+        vocab, dim = model.output.weight.shape
+        self.wout, self.sout = _fuse([model.output], transposes(self.embedding.device, vocab, dim))
+        self.rope = RotaryTable(self.args.head_dim, self.args.rope_theta, self.args.max_context, self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.dtype
+
+    def forward(
+        self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """tokens [B, T] at positions start..start+T-1 → logits [B, T, V] (or [B, 1, V] with last_only)."""
+        seq_len = tokens.shape[1]
+        end = start + seq_len
+        if end > self.args.max_context:
+            raise ValueError(f"{end} tokens exceed the model's context of {self.args.max_context}")
+        if cache is None:
+            if seq_len > self.prefill_chunk:
+                raise ValueError("prompts longer than one prefill chunk need a cache to be chunked")
+            return self._chunk(tokens, start, None, last_only)
+        if start > cache.length:
+            raise ValueError(f"cache holds {cache.length} positions, cannot continue at {start}")
+        cache.reserve(end)
+        if seq_len == 1 and tokens.shape[0] == 1:
+            return self._decode_one(tokens, start, cache)
+        outputs = []
+        for offset in range(0, seq_len, self.prefill_chunk):
+            piece = tokens[:, offset : offset + self.prefill_chunk]
+            last = offset + piece.shape[1] == seq_len
+            if not last and last_only:
+                self._chunk(piece, start + offset, cache, None)  # keys and values only
+            else:
+                outputs.append(self._chunk(piece, start + offset, cache, last_only))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _chunk(
+        self, tokens: torch.Tensor, start: int, cache: KVCache | None, last_only: bool | None
+    ) -> torch.Tensor | None:
+        seq_len = tokens.shape[1]
+        freqs = self.rope(start, start + seq_len)
+        h = F.embedding(tokens, self.embedding)
+        for index, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.attention_norm, layer.eps)
+            q, k, v = self._qkv(layer, x, freqs)
+            if cache is not None:
+                k, v = cache.update(index, start, k, v)
+            h = h + linear(attend(q, k, v, start), layer.wo, layer.so)
+            x = rms_norm(h, layer.ffn_norm, layer.eps)
+            h = h + self._ffn(layer, x)
+        if cache is not None:
+            cache.length = start + seq_len
+        if last_only is None:
+            return None
+        if last_only:
+            h = h[:, -1:]
+        return linear(rms_norm(h, self.norm, self.args.norm_eps), self.wout, self.sout).float()
+
+    def _decode_one(self, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
+        """forward() for one token of one sequence: the per-token path, in as few ops as it takes.
+
+        2-D activations, RoPE on q and k at once, the residual adds fused into the matmuls
+        (addmm); on a CPU each op avoided is a few microseconds of a ~0.3 ms step.
+        """
+        end = position + 1
+        freqs = self.rope(position, end)  # [1, D/2]
+        h = F.embedding(token.view(1), self.embedding)  # [1, dim]
+        for index, layer in enumerate(self.layers):
+            hq, hkv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
+            x = rms_norm(h, layer.attention_norm, layer.eps)
+            qkv = linear(x, layer.wqkv, layer.sqkv)
+            qk = qkv[:, : (hq + hkv) * d]
+            rotated = torch.view_as_complex(qk.float().view(hq + hkv, d // 2, 2)) * freqs
+            qk = torch.view_as_real(rotated).view(1, (hq + hkv) * d).type_as(x)
+            cache.k[index, 0, :, position] = qk[0, hq * d :].view(hkv, d)
+            cache.v[index, 0, :, position] = qkv[0, (hq + hkv) * d :].view(hkv, d)
+            keys, values = cache.k[index, :, :, :end], cache.v[index, :, :, :end]
+            # The query heads sharing a key head go side by side: GQA without copying the cache.
+            q = qk[:, : hq * d].view(1, hkv, hq // hkv, d)
+            out = F.scaled_dot_product_attention(q, keys, values).view(1, hq * d)
+            h = residual(h, out, layer.wo, layer.so)
+            x = rms_norm(h, layer.ffn_norm, layer.eps)
+            gate, up = linear(x, layer.w13, layer.s13).chunk(2, dim=-1)
+            h = residual(h, F.silu(gate) * up, layer.w2, layer.s2)
+        cache.length = end
+        return linear(rms_norm(h, self.norm, self.args.norm_eps), self.wout, self.sout).float().view(1, 1, -1)
+
+    @staticmethod
+    def _qkv(layer: FastLayer, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch, seq_len, _ = x.shape
+        hq, hkv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
+        qkv = linear(x, layer.wqkv, layer.sqkv)
+        qk = rotate(qkv[..., : (hq + hkv) * d].view(batch, seq_len, hq + hkv, d), freqs)  # one RoPE for both
+        v = qkv[..., (hq + hkv) * d :].view(batch, seq_len, hkv, d)
+        return qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2), v.transpose(1, 2)
+
+    @staticmethod
+    def _ffn(layer: FastLayer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(x, layer.w13, layer.s13).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, layer.w2, layer.s2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """q [B, Hq, T, D] over k, v [B, Hkv, S, D] (S = start + T) → [B, T, Hq·D]."""
+    batch, hq, seq_len, d = q.shape
+    hkv = k.shape[1]
+    if seq_len == 1:
+        # One query sees every key: the query heads sharing a key head go side by side, so GQA
+        # needs no copy of the cache.
+        out = F.scaled_dot_product_attention(q.reshape(batch, hkv, hq // hkv, d), k, v)
+        return out.reshape(batch, 1, hq * d)
+    if hkv != hq:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    if start == 0:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        # A chunk continuing the cache: causal aligned to the last key, which flash attention
+        # runs without building a [T, S] mask.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(seq_len, k.shape[2]))
+    return out.transpose(1, 2).reshape(batch, seq_len, hq * d)
+
+
+# -- decoding -------------------------------------------------------------------------------------
+
+
+def span_for(position: int, capacity: int) -> int:
+    """Keys a static step at `position` attends over: a power of two, so few spans cover every length."""
+    return min(capacity, max(MIN_BUCKET, 1 << position.bit_length()))
+
+
+class _Captured:
+    def __init__(self, graph: torch.cuda.CUDAGraph, logits: torch.Tensor) -> None:
+        self.graph = graph
+        self.logits = logits  # the graph's output, rewritten by every replay
+
+
+class FastDecoder:
+    """`generate.Decoder` over a FastTransformer.
+
+    Prompts and sampled steps run the eager, chunked forward. Greedy steps read their input token
+    from a device buffer and write the argmax back into it, so no step needs the host: on a GPU the
+    stream runs one step ahead (`lookahead`) and copies each id home asynchronously. With `static`
+    steps (`compile`, `graphs`) the position is a device tensor too and the step attends over a
+    fixed power-of-two span of the cache with a mask, so its shapes repeat: torch.compile compiles
+    it once for all spans and a CUDA graph per (cache, span) replays it in one launch.
+    """
+
+    def __init__(
+        self,
+        fast: FastTransformer,
+        *,
+        graphs: bool = False,
+        compile: bool | str = False,
+        static: bool = False,
+        lookahead: bool | None = None,
+    ) -> None:
+        self.fast = fast
+        self.device = fast.device
+        cuda = self.device.type == "cuda"
+        if graphs and not cuda:
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.graphs = graphs
+        self.static = static or graphs or bool(compile)
+        self.lookahead = cuda if lookahead is None else lookahead
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._step = self._static_step
+        self.compiled = bool(compile)
+        if compile:
+            backend = "inductor" if compile is True else compile
+            self._step = torch.compile(self._static_step, backend=backend, fullgraph=True)
+        if self.static:
+            # Captured steps read the table by address: it must never be reallocated.
+            fast.rope.reserve(fast.args.max_context)
+        self._captures: weakref.WeakKeyDictionary[KVCache, OrderedDict] = weakref.WeakKeyDictionary()
+        if self.lookahead and cuda:
+            self._host = torch.empty(2, dtype=torch.long, pin_memory=True)
+            self._events = [torch.cuda.Event(), torch.cuda.Event()]
+        else:
+            self._host = torch.empty(2, dtype=torch.long)
+            self._events = None
+
+    # -- generate.Decoder ---------------------------------------------------------------------
+
+    def logits(self, ids, start: int, cache: KVCache) -> torch.Tensor:
+        batch = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        return self.fast(batch, start, cache, last_only=True)[0, -1]
+
+    def greedy(self, token: int, start: int, cache: KVCache, vocab: int) -> Iterator[int]:
+        self.token.fill_(token)
+        position = start
+        if not self.lookahead and not self.static:
+            while True:  # the host needs each id anyway: pick it there
+                logits = self.fast(self.token, position, cache, last_only=True)[0, -1, :vocab]
+                token = host_argmax(logits)
+                self.token.fill_(token)
+                position += 1
+                yield token
+        if not self.lookahead:
+            while True:
+                self._advance(cache, position, vocab)
+                position += 1
+                yield int(self.token)
+        # One step stays queued ahead of the id being read, so the device never waits for the host.
+        self._advance(cache, position, vocab)
+        self._send(0)
+        slot = 0
+        while True:
+            position += 1
+            self._advance(cache, position, vocab)
+            self._send(1 - slot)
+            yield self._receive(slot)
+            slot = 1 - slot
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def _advance(self, cache: KVCache, position: int, vocab: int) -> torch.Tensor:
+        """Queue the step for the id in `self.token` at `position`; its argmax replaces that id.
+
+        Returns the step's logits [V] (a graph's output buffer: valid until the next step).
+        """
+        cache.reserve(position + 1)
+        if not self.static:
+            logits = self.fast(self.token, position, cache, last_only=True)[0, -1]
+            self.token.copy_(logits[:vocab].argmax().view(1, 1))
+            return logits
+        self.position.fill_(position)
+        span = span_for(position + 1, cache.capacity)
+        captured = self._captured(cache, span, vocab) if self.graphs else None
+        if captured is not None:
+            captured.graph.replay()
+            logits = captured.logits
+        else:
+            logits = self._step_and_pick(cache, span, vocab)
+        cache.length = position + 1
+        return logits[0]
+
+    def _step_and_pick(self, cache: KVCache, span: int, vocab: int) -> torch.Tensor:
+        logits = self._step(self.token, self.position, cache.k, cache.v, span)
+        self.token.copy_(logits[:, :vocab].argmax(dim=-1, keepdim=True))
+        return logits
+
+    def _static_step(
+        self,
+        token: torch.Tensor,
+        position: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        span: int,
+    ) -> torch.Tensor:
+        """token [1, 1] at position [1] (device tensors) → logits [1, V], attending over `span` keys."""
+        fast = self.fast
+        freqs = fast.rope.table.index_select(0, position)
+        visible = (torch.arange(span, device=position.device) <= position).view(1, 1, 1, span)  # keys so far
+        h = F.embedding(token, fast.embedding)
+        for index, layer in enumerate(fast.layers):
+            x = rms_norm(h, layer.attention_norm, layer.eps)
+            q, k, v = fast._qkv(layer, x, freqs)
+            k_cache[index].index_copy_(2, position, k)
+            v_cache[index].index_copy_(2, position, v)
+            keys, values = k_cache[index, :, :, :span], v_cache[index, :, :, :span]
+            batch, hkv, _, d = keys.shape
+            grouped = q.reshape(batch, hkv, layer.n_heads // hkv, d)  # GQA without copying the cache
+            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible)
+            h = h + linear(out.reshape(batch, 1, layer.n_heads * d), layer.wo, layer.so)
+            x = rms_norm(h, layer.ffn_norm, layer.eps)
+            h = h + fast._ffn(layer, x)
+        return linear(rms_norm(h, fast.norm, fast.args.norm_eps), fast.wout, fast.sout).float()[:, 0]
+
+    # -- CUDA graphs --------------------------------------------------------------------------
+
+    def _captured(self, cache: KVCache, span: int, vocab: int) -> _Captured | None:
+        graphs = self._captures.setdefault(cache, OrderedDict())
+        address = cache.k.data_ptr()
+        for key in [key for key in graphs if key[0] != address]:
+            del graphs[key]  # the cache grew into new memory: those graphs point at the old one
+        key = (address, span, vocab)
+        if key not in graphs:
+            try:
+                graphs[key] = self._capture(cache, span, vocab)
+            except Exception as exc:  # a capture that fails must not fail the request
+                log.warning("CUDA graph capture failed, decoding without graphs: %s", exc)
+                self.graphs = False
+                return None
+            while sum(len(g) for g in self._captures.values()) > MAX_GRAPHS:
+                oldest = min(self._captures.values(), key=len, default=graphs)
+                (oldest if oldest else graphs).popitem(last=False)
+        graphs.move_to_end(key)
+        return graphs[key]
+
+    def _capture(self, cache: KVCache, span: int, vocab: int) -> _Captured:
+        token = self.token.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            # Warm-up runs (compiled code loaded, cuBLAS algorithms chosen) write the same keys
+            # and values the real step will: same token, same position.
+            for _ in range(2):
+                self.token.copy_(token)
+                self._step_and_pick(cache, span, vocab)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.token.copy_(token)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            logits = self._step_and_pick(cache, span, vocab)
+        return _Captured(graph, logits)
+
+    # -- reading ids back ---------------------------------------------------------------------
+
+    def _send(self, slot: int) -> None:
+        if self._events is None:
+            self._host[slot] = self.token[0, 0]
+            return
+        self._host[slot : slot + 1].copy_(self.token.view(1), non_blocking=True)
+        self._events[slot].record()
+
+    def _receive(self, slot: int) -> int:
+        if self._events is not None:
+            self._events[slot].synchronize()
+        return int(self._host[slot])
+
+    # -- load time ----------------------------------------------------------------------------
+
+    def check(self, prompt: list[int], steps: int = 4) -> float:
+        """Largest logit difference (relative) between static steps and the eager forward, on a scratch cache.
+
+        Run at load: it compiles and captures what the first request would otherwise pay for, and
+        a static step that disagrees with the eager one (NaN from stale memory, a bad capture)
+        shows here before any user sees it.
+        """
+        if not self.static:
+            return 0.0
+        vocab = self.fast.args.vocab_size
+        eager, static = self.fast.model.new_cache(), self.fast.model.new_cache()
+        worst = 0.0
+        with torch.inference_mode():
+            for cache in (eager, static):
+                cache.reserve(len(prompt) + steps)
+                self.logits(prompt[:-1], 0, cache)
+            token = prompt[-1]
+            for step in range(steps):
+                position = len(prompt) - 1 + step
+                expected = self.logits([token], position, eager)
+                self.token.fill_(token)
+                got = self._advance(static, position, vocab)
+                scale = max(1.0, float(expected.abs().max()))
+                worst = max(worst, float((got - expected).abs().max()) / scale)
+                token = int(expected[:vocab].argmax())
+        return worst if worst == worst else float("inf")  # NaN compares unequal to itself
+
+
+def host_argmax(logits: torch.Tensor) -> int:
+    """The first index of the largest value; NumPy's vectorised scan is ~10x torch's on a CPU vector."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+        return int(logits.numpy().argmax())
+    return int(logits.argmax())
+
+
+def describe(decoder: object) -> str:
+    """ "plain", "fast", or "fast" with "+compile", "+graphs": what decodes, for info() and the bench."""
+    if not isinstance(decoder, FastDecoder):
+        return "plain"
+    return "fast" + ("+compile" if decoder.compiled else "") + ("+graphs" if decoder.graphs else "")
