@@ -46,7 +46,8 @@ class CodeLlamaExtension(ExtensionApp):
         API_KEY_ENV, help="Environment variable holding the server's API key (sent as a Bearer token)."
     ).tag(config=True)
     remote_api_key = Unicode(
-        help="The server's API key, when not in remote_api_key_env. Never logged nor sent to the browser."
+        help="The server's API key, when not in remote_api_key_env. This extension never logs it nor sends "
+        "it to the browser, but Jupyter's --debug log prints the whole config: prefer the environment."
     ).tag(config=True)
     remote_tokenizer = Unicode(
         help="A local tokenizer.model of the remote model, for exact prompt budgets; empty: estimate "

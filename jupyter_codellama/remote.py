@@ -155,6 +155,7 @@ class OpenAIEngine:
         self.unavailable: str | None = "not contacted yet"
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self.streaming = False  # a completion is streaming from the server right now
         self._prober = threading.Thread(target=self._probe_loop, name="codellama-remote-probe", daemon=True)
 
     @classmethod
@@ -190,11 +191,12 @@ class OpenAIEngine:
             "prompt": prompt,
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
-            "top_p": params.top_p,
             "stop": stops + [s for s in params.stop if s not in stops],
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if params.top_p < 1:
+            body["top_p"] = params.top_p  # 1 is every server's default, and TGI refuses it
         if params.seed is not None:
             body["seed"] = params.seed
         return RemoteStream(self, body, self.count_tokens(prompt) + 1, Healer(cut), params.deadline, cancel)
@@ -251,10 +253,13 @@ class OpenAIEngine:
             interval = self.config.probe_interval
             if self.unavailable is not None:
                 interval = min(interval, ERROR_PROBE_INTERVAL)
-            self._wake.wait(interval)
+            woken = self._wake.wait(interval)
             self._wake.clear()
-            if not self._stop.is_set():
-                self.probe()
+            # A stream flowing now is proof enough; and llama-cpp-python answers /v1/models only
+            # between generations, so a probe then could time out on a healthy server.
+            if self._stop.is_set() or (self.streaming and not woken and self.unavailable is None):
+                continue
+            self.probe()
 
     def _infilling(self, name: str) -> bool:
         if self.config.fim == "off":
@@ -414,6 +419,7 @@ class RemoteStream:
             if opened is None:
                 return
             threading.Thread(target=self._watch, name="codellama-remote-cancel", daemon=True).start()
+            self.engine.streaming = True
             try:
                 for data in sse_events(opened.response):
                     if data == "[DONE]":
@@ -437,6 +443,7 @@ class RemoteStream:
             if tail:
                 yield tail
         finally:
+            self.engine.streaming = False
             self._disconnect()
             end = time.perf_counter()
             self.stats.prefill_ms = ((first or end) - started) * 1000

@@ -387,3 +387,16 @@ def test_the_key_stays_out_of_reprs_and_messages() -> None:
         OpenAIEngine(RemoteConfig(url="http://x/v1", fim="middle"))
     with pytest.raises(ModelError, match="remote_url"):
         OpenAIEngine(RemoteConfig())
+
+
+def test_extension_settings_reach_the_service_config(monkeypatch) -> None:
+    from jupyter_codellama.extension import CodeLlamaExtension
+
+    monkeypatch.setenv("JUPYTER_CODELLAMA_API_KEY", API_KEY)
+    extension = CodeLlamaExtension(backend="openai", remote_url="http://gpu:8000/v1", remote_retries=5)
+    config = extension.remote_config()
+    assert config.api_key == API_KEY and config.retries == 5 and config.url == "http://gpu:8000/v1"
+    assert CodeLlamaExtension(remote_api_key="sk-config").remote_config().api_key == "sk-config"
+    for name, value in [("backend", "tgi"), ("remote_fim", "middle")]:
+        with pytest.raises(ValueError, match=name.removeprefix("remote_")):
+            CodeLlamaExtension(**{name: value})
