@@ -104,14 +104,21 @@ def test_names_and_errors(tmp_path: Path) -> None:
 # -- llama.cpp itself ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["fim_checkpoint", "embedded"])
-def pair(request, tmp_path_factory: pytest.TempPathFactory, fim_model):
-    """(kernel_model's model, llama.cpp's Llama on its f32 export): the random test model and the shipped one."""
+@pytest.fixture(scope="module", params=["fim_checkpoint", "gqa_hf", "embedded"])
+def pair(request, tmp_path_factory: pytest.TempPathFactory, fim_model, codellama_tokenizer_file: Path):
+    """(kernel_model's model, llama.cpp's Llama on its f32 export): random test models and the shipped one."""
     llama_cpp = pytest.importorskip("llama_cpp")
     if request.param == "embedded":
         if not (EMBEDDED_PATH / "params.json").is_file():
             pytest.skip("no embedded model in this checkout")
         model, source = load_model("embedded", device="cpu", dtype="float32"), "embedded"
+    elif request.param == "gqa_hf":
+        # Grouped-query attention (as 34B has) in HF's layout: k's rows un-permuted per kv head.
+        source = tmp_path_factory.mktemp("gqa") / "hf"
+        make_test_checkpoint(
+            source, "hf", codellama_tokenizer_file, dim=128, layers=2, heads=8, kv_heads=2, seed=3
+        )
+        model = load_model(source, device="cpu", dtype="float32")
     else:
         model, source = fim_model, request.getfixturevalue("fim_checkpoint")
     out = tmp_path_factory.mktemp("llama") / f"{request.param}.gguf"
