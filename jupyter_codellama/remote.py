@@ -231,7 +231,8 @@ class OpenAIEngine:
                     f"{self.display_url} does not serve {wanted!r}; it serves {', '.join(ids[:8])}"
                 )
             entry = next((m for m in models if m["id"] == wanted), {})
-            reported = entry.get("max_model_len") or (entry.get("meta") or {}).get("n_ctx_train")
+            # vLLM's window. llama.cpp lists only the training context, which its -c may be below.
+            reported = entry.get("max_model_len")
             self.name = wanted
             if not self.config.max_context and isinstance(reported, int) and reported > 0:
                 self.max_context = reported
