@@ -178,6 +178,8 @@ class ModelService:
             finally:
                 self.current = None
                 self.completed += 1
+                # Not kept while the worker waits for the next request: it may hold a large notebook.
+                del job
 
     def _load(self) -> bool:
         started = time.perf_counter()
