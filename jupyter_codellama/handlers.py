@@ -164,6 +164,7 @@ class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, Jupyter
         super().open(*args, **kwargs)
         self.jobs: dict[str, Job] = {}
         self.forwarders: set[asyncio.Task] = set()
+        self.sockets.add(self)
         self.unsent = 0  # bytes written but not yet flushed to the client
 
     def on_message(self, message: str | bytes) -> None:
@@ -175,9 +176,7 @@ class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, Jupyter
             if isinstance(given_id, str) and 0 < len(given_id) <= MAX_ID_LENGTH:
                 reply_id = given_id
             if kind == "cancel":
-                job = self.jobs.get(request_id(body))
-                if job is not None:
-                    job.cancel.set()
+                self.cancel(request_id(body))
             elif kind == "complete":
                 self.start(request_id(body), body)
             else:
@@ -190,6 +189,23 @@ class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, Jupyter
             # Tornado would close the socket on an exception escaping on_message: answer instead.
             self.log.exception("Code Llama: unexpected failure on a websocket message")
             self.send({"type": "error", "id": reply_id, "message": UNEXPECTED})
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a request of this socket or, failing that, another socket's with that id.
+
+        The magic's answer streams over the kernel's own socket while its Stop button lives in the
+        browser's; the id (a random one for the magic) is what they share.
+        """
+        owners = [self] + [socket for socket in self.sockets if socket is not self]
+        for socket in owners:
+            job = socket.jobs.get(job_id)
+            if job is not None:
+                job.cancel.set()
+                return
+
+    @property
+    def sockets(self) -> set[CompletionSocket]:
+        return self.settings.setdefault("codellama_sockets", set())
 
     def start(self, job_id: str, body: dict[str, Any]) -> None:
         if job_id in self.jobs:
@@ -243,6 +259,7 @@ class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, Jupyter
         # A client that disconnects mid-stream frees the worker at once.
         for job in getattr(self, "jobs", {}).values():
             job.cancel.set()
+        self.sockets.discard(self)
         super().on_close()
 
 

@@ -13,6 +13,7 @@ from .context import Cell, cells_from_json
 
 MODES = ("line", "block", "auto", "none")
 MAX_ID_LENGTH = 128
+MAX_TARGET_LENGTH = 512
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 64
 
@@ -52,10 +53,13 @@ class CompletionRequest:
     stop: tuple[str, ...] = ()
     infill: bool = True  # False: `prefix` is a whole prompt to continue (e.g. an Instruct chat)
     seed: int | None = None
+    client_target: str | None = None  # e.g. a notebook path and cell id, when the client names one
 
     @property
     def target(self) -> str:
         """What the request completes in: a newer request for the same target supersedes it."""
+        if self.client_target is not None:
+            return "client:" + self.client_target
         return f"cell:{self.cell}" if self.cells is not None else "text"
 
 
@@ -125,6 +129,13 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> CompletionRequest:
         fields["infill"] = body["infill"]
     if body.get("seed") is not None:
         fields["seed"] = integer(body, "seed", 0, 2**63 - 1)
+    if "target" in body:
+        target = text(body, "target")
+        if not 0 < len(target) <= MAX_TARGET_LENGTH:
+            raise ProtocolError(
+                f"'target' must be a non-empty string of at most {MAX_TARGET_LENGTH} characters"
+            )
+        fields["client_target"] = target
     return CompletionRequest(**fields)
 
 

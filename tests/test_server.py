@@ -217,3 +217,35 @@ async def wait_until(condition, timeout: float = 30.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached")
+
+
+async def test_cancel_reaches_a_request_of_another_socket(jp_fetch, jp_ws_fetch, jp_serverapp):
+    await wait_ready(jp_fetch)
+    kernel_socket, browser_socket = await jp_ws_fetch("codellama", "ws"), await jp_ws_fetch("codellama", "ws")
+    long = {"type": "complete", "id": "magic-7f3a", "prefix": "x = [", "mode": "none", "max_new_tokens": 2048}
+    await kernel_socket.write_message(json.dumps(long))
+    await wait_until(lambda: service(jp_serverapp).current is not None)
+    await browser_socket.write_message(json.dumps({"type": "cancel", "id": "magic-7f3a"}))
+    _, final = await receive_until_final(kernel_socket, "magic-7f3a")
+    assert final["type"] == "done" and final["cancelled"] is True
+    kernel_socket.close()
+    browser_socket.close()
+
+
+async def test_requests_for_different_client_targets_do_not_supersede(jp_fetch, jp_ws_fetch):
+    await wait_ready(jp_fetch)
+    ws = await jp_ws_fetch("codellama", "ws")
+    base = {
+        "type": "complete",
+        "notebook": NOTEBOOK,
+        "cell": 3,
+        "offset": 5,
+        "mode": "none",
+        "max_new_tokens": 3,
+    }
+    await ws.write_message(json.dumps({**base, "id": "a", "target": "one.ipynb#c3"}))
+    await ws.write_message(json.dumps({**base, "id": "b", "target": "two.ipynb#c3"}))
+    for request_id in ("a", "b"):
+        _, final = await receive_until_final(ws, request_id)
+        assert final["type"] == "done" and "cancelled" not in final
+    ws.close()
