@@ -116,7 +116,7 @@ class CompleteHandler(CodeLlamaAPIHandler):
             while True:
                 event = await job.next_event()
                 if event["type"] == "error":
-                    return self.reply_error(400, event["message"])
+                    return self.reply_error(job.failure_status, event["message"])
                 if event["type"] == "done":
                     event.pop("type")
                     return self.finish(event)

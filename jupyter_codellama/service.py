@@ -20,7 +20,7 @@ from typing import Any
 
 from kernel_model import ModelError, SamplingParams
 
-from .context import FimContext, build_context, plain_context
+from .context import MAX_CHARS_PER_TOKEN, FimContext, build_context, plain_context
 from .engines import Engine, LocalEngine
 from .postprocess import StreamTrimmer, trim_completion
 from .protocol import CompletionRequest
@@ -66,6 +66,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
     answer_by: float = math.inf  # set by `submit`: when the client stops waiting for the worker
+    failure_status: int = 400  # the HTTP status of an error event: the request's fault unless set otherwise
 
     def emit(self, event: dict[str, Any]) -> None:
         with contextlib.suppress(RuntimeError):  # a closed loop: the server is shutting down
@@ -82,6 +83,7 @@ class Job:
             self.cancel.set()  # the worker drops the job whenever it gets back to it
             logging.getLogger(__name__).warning("Code Llama request %s got no answer in time", self.id)
             waited = self.answer_by - self.enqueued
+            self.failure_status = 504
             return {"type": "error", "message": f"the model did not answer within {waited:.0f} seconds"}
 
 
@@ -207,6 +209,7 @@ class ModelService:
         if "out of memory" in str(exc).lower():
             message = "the model ran out of memory on this request; try a shorter context"
             empty_cuda_cache()
+        job.failure_status = 500  # the server failed, not the request
         job.emit({"type": "error", "message": message})
 
     def _run(self, job: Job) -> None:
@@ -294,6 +297,11 @@ class ModelService:
         share = self.config.prefix_share
         if not request.infill:
             # A whole prompt (e.g. an Instruct chat) cannot lose its beginning: refuse rather than cut.
+            if len(request.prefix) > budget * MAX_CHARS_PER_TOKEN:  # cannot fit: not worth tokenizing
+                raise ModelError(
+                    f"the prompt has {len(request.prefix):,} characters; this server's window leaves "
+                    f"room for {budget} tokens"
+                )
             used = count(request.prefix)
             if used > budget:
                 raise ModelError(

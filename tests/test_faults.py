@@ -120,7 +120,7 @@ async def test_an_exception_mid_generation_fails_that_request_only(jp_fetch, jp_
             await jp_fetch(
                 "codellama", "complete", method="POST", body=json.dumps({**LONG, "max_new_tokens": 64})
             )
-        assert json.loads(error.value.response.body) == {"error": FAILED}
+        assert error.value.code == 500 and json.loads(error.value.response.body) == {"error": FAILED}
     finally:
         undo()
     # The failed generation was closed (it held the model's lock) and the worker lives on.

@@ -313,6 +313,7 @@ async def test_monstrous_messages_get_clear_errors_or_bounded_work(jp_fetch, jp_
         (complete("sur", prefix="a\ud800b"), "unpaired UTF-16 surrogate"),
         (complete("nbsur", notebook={"cells": [{"cell_type": "code", "source": "\udfff"}]}, cell=0, offset=0), "surrogate"),
         (complete("type", notebook={"cells": [{"cell_type": "x" * 1_000_000, "source": ""}]}, cell=0, offset=0), "cell_type a string"),
+        (complete("whole", prefix=long_line, infill=False), "characters; this server's window leaves room"),
     ]  # fmt: skip
     for raw, fragment in cases:
         await ws.write_message(raw)
