@@ -44,6 +44,11 @@ export interface ICodeLlamaClient {
   ): ICompletionStream;
   /** One-shot completion over REST, for callers that want the whole answer at once. */
   complete(request: ICompletionRequest): Promise<ICompletionResult>;
+  /**
+   * Ask the server to stop request `id`, whichever connection started it (a kernel's %%codellama
+   * answer runs on the kernel's own socket). Opens this tab's websocket if need be; fire and forget.
+   */
+  cancel(id: string): void;
 }
 
 export const ICodeLlamaClient = new Token<ICodeLlamaClient>(

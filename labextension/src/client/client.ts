@@ -153,14 +153,19 @@ export class CodeLlamaClient implements ICodeLlamaClient {
     };
   }
 
-  private _send(message: ClientMessage): void {
+  cancel(id: string): void {
+    this._send({ type: 'cancel', id }, true);
+  }
+
+  /** `connectForCancel`: the cancel is for a request of another connection, so ours must exist to send it. */
+  private _send(message: ClientMessage, connectForCancel = false): void {
     const socket = this._socket;
     if (socket && socket.readyState === WS_OPEN) {
       socket.send(JSON.stringify(message));
       return;
     }
-    if (message.type === 'cancel' && !socket) {
-      // Nothing to cancel on a server we are not connected to.
+    if (message.type === 'cancel' && !socket && !connectForCancel) {
+      // Nothing of ours to cancel on a server we are not connected to.
       return;
     }
     this._outbox.push(message);

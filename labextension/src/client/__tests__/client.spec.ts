@@ -157,6 +157,31 @@ describe('CodeLlamaClient.stream', () => {
   });
 });
 
+describe('CodeLlamaClient.cancel', () => {
+  it("opens the tab's socket to cancel another connection's request by id", () => {
+    const client = makeClient();
+    client.cancel('magic-0123456789abcdef');
+    expect(FakeSocket.instances).toHaveLength(1);
+    const socket = FakeSocket.instances[0];
+    socket.open();
+    expect(socket.sent).toEqual([{ type: 'cancel', id: 'magic-0123456789abcdef' }]);
+    expect(client.activeRequests).toBe(0);
+  });
+
+  it('sends at once on an open socket, beside the streams of this tab', () => {
+    const client = makeClient();
+    const stream = client.stream({ prefix: 'x', suffix: '' });
+    const socket = FakeSocket.instances[0];
+    socket.open();
+    client.cancel('magic-1');
+    expect(socket.sent.map(m => [m.type, m.id])).toEqual([
+      ['complete', stream.id],
+      ['cancel', 'magic-1']
+    ]);
+    expect(FakeSocket.instances).toHaveLength(1);
+  });
+});
+
 describe('reconnectDelay', () => {
   it('grows from nothing to a cap', () => {
     expect(reconnectDelay(0)).toBe(0);
