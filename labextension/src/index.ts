@@ -4,6 +4,7 @@ import type { JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { clientPlugin } from './client/plugin';
 import { completionsPlugin } from './completions/plugin';
 import { docstringPlugin } from './docstring/plugin';
+import { magicPlugin } from './magic/plugin';
 import { statusPlugin } from './status/plugin';
 
 export * from './tokens';
@@ -13,6 +14,7 @@ const plugins: JupyterFrontEndPlugin<any>[] = [
   clientPlugin,
   completionsPlugin,
   docstringPlugin,
+  magicPlugin,
   statusPlugin
 ];
 
