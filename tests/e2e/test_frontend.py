@@ -127,6 +127,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory, fim_checkpoint: Path) -> Itera
             sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
             f"--port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
             f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+            # Room for a %%codellama answer long enough to be stopped while it streams.
+            "--CodeLlamaExtension.max_new_tokens=1024",
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
     )  # fmt: skip
@@ -176,11 +178,13 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def notebook(browser, lab: dict[str, Any], request: pytest.FixtureRequest) -> Iterator[tuple[Page, Frames]]:
-    """A fresh copy of the test notebook open in a new page; fails the test on any page error."""
-    name = f"{request.node.name}.ipynb"
-    (lab["root"] / name).write_text(json.dumps(NOTEBOOK))
+@contextlib.contextmanager
+def open_notebook(
+    browser, lab: dict[str, Any], test: str, content: dict[str, Any]
+) -> Iterator[tuple[Page, Frames]]:
+    """A fresh copy of `content` open in a new page; fails the test on any page error."""
+    name = f"{test}.ipynb"
+    (lab["root"] / name).write_text(json.dumps(content))
     page = browser.new_page(viewport={"width": 1300, "height": 800})
     errors: list[str] = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -188,13 +192,22 @@ def notebook(browser, lab: dict[str, Any], request: pytest.FixtureRequest) -> It
     frames = Frames()
     page.on("websocket", frames.attach)
     # A workspace of its own, so notebooks of earlier tests are not restored beside this one.
-    page.goto(f"{lab['url']}/lab/workspaces/{request.node.name}/tree/{name}?token={lab['token']}&reset")
+    page.goto(f"{lab['url']}/lab/workspaces/{test}/tree/{name}?token={lab['token']}&reset")
     page.wait_for_selector(".jp-Notebook .jp-CodeCell .cm-content", timeout=60_000)
     page.wait_for_function("() => !!window.jupyterapp.shell.currentWidget?.content?.model")
     page.wait_for_selector(".jp-NotebookPanel .jp-Spinner", state="detached", timeout=60_000)
-    yield page, frames
-    page.close()
+    try:
+        yield page, frames
+    finally:
+        page.close()
     assert errors == [], f"errors in the page console: {errors}"
+
+
+@pytest.fixture
+def notebook(browser, lab: dict[str, Any], request: pytest.FixtureRequest) -> Iterator[tuple[Page, Frames]]:
+    """A fresh copy of the test notebook open in a new page; fails the test on any page error."""
+    with open_notebook(browser, lab, request.node.name, NOTEBOOK) as opened:
+        yield opened
 
 
 def shot(page: Page, name: str) -> None:
@@ -373,3 +386,180 @@ def test_docstring_from_the_context_menu_of_a_cell_that_is_not_active(notebook: 
     assert lines[0] == "def add(a, b):" and lines[1].startswith('    """') and lines[-1] == "    return a + b"
     assert cell_source(page, 1) == "".join(NOTEBOOK["cells"][1]["source"])
     shot(page, "11-docstring-from-context-menu")
+
+
+# -- %%codellama answers through the extension's own renderer --------------------------------------
+
+ANSWER_MIME = "application/vnd.jupyter-codellama.answer+json"
+MAGIC_CELL = "%%codellama --max-new-tokens 16\nwrite a function that returns the sum of a list of numbers"
+AFTER_CELL = "print('the cell after')"
+MAGIC_NOTEBOOK = {
+    **NOTEBOOK,
+    "cells": [
+        {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": source}
+        for source in ("%load_ext jupyter_codellama", MAGIC_CELL, AFTER_CELL)
+    ],
+}
+
+
+@pytest.fixture
+def magic_notebook(
+    browser, lab: dict[str, Any], request: pytest.FixtureRequest
+) -> Iterator[tuple[Page, Frames]]:
+    """A notebook that loads the magic and asks it one question, open with its kernel ready."""
+    with open_notebook(browser, lab, request.node.name, MAGIC_NOTEBOOK) as (page, frames):
+        page.wait_for_function(
+            "() => window.jupyterapp.shell.currentWidget.sessionContext.session?.kernel?.status === 'idle'",
+            timeout=60_000,
+        )
+        yield page, frames
+
+
+def cell_count(page: Page) -> int:
+    return page.evaluate("() => window.jupyterapp.shell.currentWidget.content.model.cells.length")
+
+
+def answer_data(page: Page, index: int) -> dict[str, Any] | None:
+    """The answer's MIME data as the notebook model holds it (the last update), or None."""
+    return page.evaluate(
+        """([i, mime]) => {
+            const outputs = window.jupyterapp.shell.currentWidget.content.model.cells.get(i).outputs;
+            for (let k = 0; k < outputs.length; k++) {
+                const data = outputs.get(k).data[mime];
+                if (data) { return data; }
+            }
+            return null;
+        }""",
+        [index, ANSWER_MIME],
+    )
+
+
+def run_cells(page: Page, first: int, count: int) -> None:
+    """Shift+Enter from cell `first`, as a user runs cells one after another."""
+    page.locator(".jp-Notebook .jp-Cell").nth(first).locator(".jp-InputPrompt").click()
+    for _ in range(count):
+        page.keyboard.press("Shift+Enter")
+
+
+def test_magic_answer_renders_and_inserts_or_replaces_in_one_undo(
+    magic_notebook: tuple[Page, Frames], lab: dict[str, Any]
+) -> None:
+    page, _ = magic_notebook
+    model = get_json(f"{lab['url']}/codellama/status", lab["token"])["model"]["name"]
+    run_cells(page, 0, 2)
+    magic_cell = page.locator(".jp-Notebook .jp-Cell").nth(1)
+    answer = magic_cell.locator(".jp-OutputArea .jp-codellama-Answer")
+    answer.wait_for(timeout=60_000)
+    page.wait_for_function(
+        "() => document.querySelector('.jp-codellama-Answer')?.dataset.state === 'done'", timeout=60_000
+    )
+    data = answer_data(page, 1)
+    assert data is not None and data["done"] is True and data["backend"] == "server", data
+    code = data["code"]
+    assert code.strip(), "the model wrote nothing to insert"
+    # Rendered by the extension, not by the magic's Markdown/HTML fallbacks.
+    outputs = magic_cell.locator(".jp-OutputArea-output")
+    assert outputs.locator(".jp-RenderedMarkdown, .jp-RenderedHTMLCommon").count() == 0
+    assert answer.locator(".jp-codellama-Answer-code").inner_text().rstrip("\n") == code.rstrip("\n")
+    status = answer.locator(".jp-codellama-Answer-status").inner_text()
+    assert status.startswith(f"{model} · {data['tokens']} token") and status.endswith("done"), status
+    buttons = {
+        name: answer.get_by_role("button", name=name)
+        for name in ("Insert below", "Replace this cell", "Copy")
+    }
+    assert all(button.is_enabled() for button in buttons.values())
+    assert not answer.get_by_role("button", name="Stop").is_visible()
+    # Highlighted by JupyterLab's own CodeMirror languages, as Markdown code blocks are.
+    assert "cm-s-jupyter" in (answer.locator(".jp-codellama-Answer-code code").get_attribute("class") or "")
+    shot(page, "12-magic-answer")
+
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=lab["url"])
+    buttons["Copy"].click()
+    answer.get_by_role("button", name="Copied").wait_for(timeout=5_000)
+    assert page.evaluate("() => navigator.clipboard.readText()") == code
+    assert cell_count(page) == 3
+
+    buttons["Insert below"].click()
+    wait_until(page, lambda: cell_count(page) == 4, what="a new cell below the magic's")
+    assert [cell_source(page, i) for i in range(4)] == [
+        "%load_ext jupyter_codellama",
+        MAGIC_CELL,
+        code,
+        AFTER_CELL,
+    ]
+    assert page.evaluate("() => window.jupyterapp.shell.currentWidget.content.mode") == "command"
+    shot(page, "13-magic-inserted-below")
+    # JupyterLab undoes cell operations with Z in command mode (Ctrl+Z there undoes the active cell's text).
+    page.keyboard.press("z")
+    wait_until(page, lambda: cell_count(page) == 3, timeout_s=10, what="one undo to remove the inserted cell")
+    assert [cell_source(page, i) for i in range(3)] == ["%load_ext jupyter_codellama", MAGIC_CELL, AFTER_CELL]
+    assert answer_data(page, 1) == data, "the undo reached past the insert"
+    shot(page, "14-magic-insert-undone")
+
+    buttons["Replace this cell"].click()
+    wait_until(page, lambda: cell_source(page, 1) == code, what="the magic cell to hold the code")
+    assert cell_count(page) == 3 and cell_source(page, 2) == AFTER_CELL
+    shot(page, "15-magic-replaced")
+    assert page.evaluate("() => window.jupyterapp.shell.currentWidget.content.mode") == "command"
+    # A change of the cell's text: Ctrl+Z on the cell, in command mode as in edit mode.
+    page.keyboard.press("Control+z")
+    wait_until(
+        page,
+        lambda: cell_source(page, 1) == MAGIC_CELL,
+        timeout_s=10,
+        what="one undo to bring the magic back",
+    )
+    assert cell_count(page) == 3
+    # Nothing the buttons did ran anything: the only execution counts are the two cells run above.
+    counts = page.evaluate(
+        "() => window.jupyterapp.shell.currentWidget.content.model.sharedModel.cells.map(c => c.execution_count ?? null)"
+    )
+    assert counts == [1, 2, None], counts
+    shot(page, "16-magic-replace-undone")
+
+
+def test_magic_stop_button_cancels_the_kernels_request_from_the_browser(
+    magic_notebook: tuple[Page, Frames],
+) -> None:
+    page, frames = magic_notebook
+    long_cell = MAGIC_CELL.replace("--max-new-tokens 16", "--max-new-tokens 1000")
+    page.evaluate(
+        "source => window.jupyterapp.shell.currentWidget.content.model.cells.get(1).sharedModel.setSource(source)",
+        long_cell,
+    )
+    run_cells(page, 0, 2)
+    answer = page.locator(".jp-Notebook .jp-Cell").nth(1).locator(".jp-codellama-Answer")
+    stop = answer.get_by_role("button", name="Stop")
+    stop.wait_for(state="visible", timeout=60_000)
+    wait_until(page, lambda: (answer_data(page, 1) or {}).get("tokens", 0) >= 2, what="the first tokens")
+    streaming = answer_data(page, 1)
+    assert streaming is not None and streaming["done"] is False, (
+        "the answer ended before Stop could be clicked"
+    )
+    assert answer.get_attribute("data-state") == "streaming"
+    assert answer.get_by_role("button", name="Insert below").is_disabled()
+    assert answer.get_by_role("button", name="Replace this cell").is_disabled()
+    shot(page, "17-magic-streaming")
+
+    stop.click()
+    request_id = streaming["request_id"]
+    # The answer streams over the kernel's socket; the cancel goes over the page's, naming its id.
+    wait_until(
+        page,
+        lambda: any(m["id"] == request_id for m in frames.sent("cancel")),
+        timeout_s=10,
+        what="the page to send the cancel",
+    )
+    assert frames.sent("complete") == [], "the page itself requested nothing"
+    page.wait_for_function(
+        "() => document.querySelector('.jp-codellama-Answer')?.dataset.state === 'cancelled'", timeout=30_000
+    )
+    final = answer_data(page, 1)
+    assert final is not None and final["done"] is True and final["cancelled"] is True, final
+    assert final["tokens"] < 1000
+    assert answer.locator(".jp-codellama-Answer-status").inner_text().endswith("stopped")
+    assert not stop.is_visible()
+    if final["code"].strip():
+        # A stopped answer's partial code may still be taken.
+        assert answer.get_by_role("button", name="Insert below").is_enabled()
+    shot(page, "18-magic-stopped")
