@@ -159,6 +159,9 @@ class CodeLlama:
         cuda = self.device.type == "cuda"
         if graphs and not cuda:
             raise ModelError("CUDA graphs need a CUDA device")
+        if self.quant and cuda and not compile:
+            # Eagerly, each step converts every int8 matrix to bf16 in memory: slower than bf16.
+            log.warning("int8 weights decode fast only compiled (compile=True), where the conversion fuses")
         return FastDecoder(
             FastTransformer(self.model), graphs=cuda if graphs is None else graphs, compile=compile
         )

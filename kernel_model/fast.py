@@ -224,6 +224,13 @@ class FastTransformer(nn.Module):
         vocab, dim = model.output.weight.shape
         self.wout, self.sout = _fuse([model.output], transposes(self.embedding.device, vocab, dim))
         self.rope = RotaryTable(self.args.head_dim, self.args.rope_theta, self.args.max_context, self.device)
+        # The same tensors as the layers' buffers, as tuples: the one-token path reads them per op.
+        self._plan = [
+            (layer.attention_norm, layer.ffn_norm, layer.eps, layer.wqkv, layer.sqkv, layer.wo, layer.so,
+             layer.w13, layer.s13, layer.w2, layer.s2, layer.n_heads, layer.n_kv_heads, layer.head_dim)
+            for layer in self.layers
+        ]  # fmt: skip
+        self._views: weakref.WeakKeyDictionary[KVCache, tuple] = weakref.WeakKeyDictionary()
 
     @property
     def device(self) -> torch.device:
@@ -282,34 +289,58 @@ class FastTransformer(nn.Module):
             h = h[:, -1:]
         return linear(rms_norm(h, self.norm, self.args.norm_eps), self.wout, self.sout).float()
 
-    def _decode_one(self, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
-        """forward() for one token of one sequence: the per-token path, in as few ops as it takes.
+    def _decode_one(self, token: torch.Tensor | int, position: int, cache: KVCache) -> torch.Tensor:
+        """forward() for one token of one sequence, in as few ops as it takes → logits [1, 1, V].
 
-        2-D activations, RoPE on q and k at once, the residual adds fused into the matmuls
-        (addmm); on a CPU each op avoided is a few microseconds of a ~0.3 ms step.
+        On a CPU a small model's step is mostly per-op overhead (~2-9 us each), so: 2-D
+        activations, RoPE on q and k at once, residual adds fused into the matmuls (addmm), cache
+        views made once per cache, weights read from plain tuples rather than module attributes.
         """
         end = position + 1
-        freqs = self.rope(position, end)  # [1, D/2]
-        h = F.embedding(token.view(1), self.embedding)  # [1, dim]
-        for index, layer in enumerate(self.layers):
-            hq, hkv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
-            x = rms_norm(h, layer.attention_norm, layer.eps)
-            qkv = linear(x, layer.wqkv, layer.sqkv)
-            qk = qkv[:, : (hq + hkv) * d]
-            rotated = torch.view_as_complex(qk.float().view(hq + hkv, d // 2, 2)) * freqs
-            qk = torch.view_as_real(rotated).view(1, (hq + hkv) * d).type_as(x)
-            cache.k[index, 0, :, position] = qk[0, hq * d :].view(hkv, d)
-            cache.v[index, 0, :, position] = qkv[0, (hq + hkv) * d :].view(hkv, d)
-            keys, values = cache.k[index, :, :, :end], cache.v[index, :, :, :end]
+        freqs = self.rope.reserve(end)[position]  # [D/2]
+        if isinstance(token, int):
+            h = self.embedding[token].view(1, -1)
+        else:
+            h = F.embedding(token.view(1), self.embedding)
+        exact = self.dtype == torch.float32  # no float32 round trip for RoPE
+        keys_by_layer, values_by_layer = self._layer_views(cache)
+        for plan, keys, values in zip(self._plan, keys_by_layer, values_by_layer, strict=True):
+            attention_norm, ffn_norm, eps, wqkv, sqkv, wo, so, w13, s13, w2, s2, hq, hkv, d = plan
+            x = rms_norm(h, attention_norm, eps)
+            qkv = linear(x, wqkv, sqkv)
+            qk = qkv[0, : (hq + hkv) * d]
+            pairs = torch.view_as_complex((qk if exact else qk.float()).view(hq + hkv, d // 2, 2))
+            qk = torch.view_as_real(pairs * freqs).view(hq + hkv, d)
+            if not exact:
+                qk = qk.to(x.dtype)
+            keys.select(2, position).copy_(qk[hq:].view(1, hkv, d))
+            values.select(2, position).copy_(qkv[:, (hq + hkv) * d :].view(1, hkv, d))
             # The query heads sharing a key head go side by side: GQA without copying the cache.
-            q = qk[:, : hq * d].view(1, hkv, hq // hkv, d)
-            out = F.scaled_dot_product_attention(q, keys, values).view(1, hq * d)
-            h = residual(h, out, layer.wo, layer.so)
-            x = rms_norm(h, layer.ffn_norm, layer.eps)
-            gate, up = linear(x, layer.w13, layer.s13).chunk(2, dim=-1)
-            h = residual(h, F.silu(gate) * up, layer.w2, layer.s2)
+            q = qk[:hq].view(1, hkv, hq // hkv, d)
+            out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end])
+            h = residual(h, out.view(1, hq * d), wo, so)
+            x = rms_norm(h, ffn_norm, eps)
+            gate_up = linear(x, w13, s13)
+            hidden = gate_up.shape[1] // 2
+            h = residual(h, F.silu(gate_up[:, :hidden]) * gate_up[:, hidden:], w2, s2)
         cache.length = end
-        return linear(rms_norm(h, self.norm, self.args.norm_eps), self.wout, self.sout).float().view(1, 1, -1)
+        logits = linear(rms_norm(h, self.norm, self.args.norm_eps), self.wout, self.sout)
+        return (logits if exact else logits.float()).view(1, 1, -1)
+
+    def step(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
+        """Logits [V] after one host-side token at `position` of a one-sequence cache."""
+        if position > cache.length or position >= self.args.max_context:
+            raise ValueError(f"cannot decode at {position}: the cache holds {cache.length} positions")
+        cache.reserve(position + 1)
+        return self._decode_one(token, position, cache)[0, 0]
+
+    def _layer_views(self, cache: KVCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each layer's keys and values [B, Hkv, capacity, D], made again only when the cache grows."""
+        views = self._views.get(cache)
+        if views is None or views[0] is not cache.k:
+            views = (cache.k, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+            self._views[cache] = views
+        return views[1], views[2]
 
     @staticmethod
     def _qkv(layer: FastLayer, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -390,6 +421,7 @@ class FastDecoder:
         self.static = static or graphs or bool(compile)
         self.lookahead = cuda if lookahead is None else lookahead
         self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self._layer_index = [torch.tensor([i], device=self.device) for i in range(fast.args.n_layers)]
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self._step = self._static_step
         self.compiled = bool(compile)
@@ -418,9 +450,7 @@ class FastDecoder:
         position = start
         if not self.lookahead and not self.static:
             while True:  # the host needs each id anyway: pick it there
-                logits = self.fast(self.token, position, cache, last_only=True)[0, -1, :vocab]
-                token = host_argmax(logits)
-                self.token.fill_(token)
+                token = host_argmax(self.fast.step(token, position, cache)[:vocab])
                 position += 1
                 yield token
         if not self.lookahead:
@@ -483,10 +513,13 @@ class FastDecoder:
         for index, layer in enumerate(fast.layers):
             x = rms_norm(h, layer.attention_norm, layer.eps)
             q, k, v = fast._qkv(layer, x, freqs)
-            k_cache[index].index_copy_(2, position, k)
-            v_cache[index].index_copy_(2, position, v)
+            # index_put_ on the whole cache, not a copy into a layer's view: compiled, a write
+            # through a view becomes a copy of the entire cache per step (measured with inductor).
+            layer_at = self._layer_index[index]
+            batch, hkv, _, d = k.shape
+            torch.ops.aten.index_put_(k_cache, [layer_at, None, None, position], k.reshape(1, batch, hkv, d))
+            torch.ops.aten.index_put_(v_cache, [layer_at, None, None, position], v.reshape(1, batch, hkv, d))
             keys, values = k_cache[index, :, :, :span], v_cache[index, :, :, :span]
-            batch, hkv, _, d = keys.shape
             grouped = q.reshape(batch, hkv, layer.n_heads // hkv, d)  # GQA without copying the cache
             out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible)
             h = h + linear(out.reshape(batch, 1, layer.n_heads * d), layer.wo, layer.so)
@@ -497,21 +530,27 @@ class FastDecoder:
     # -- CUDA graphs --------------------------------------------------------------------------
 
     def _captured(self, cache: KVCache, span: int, vocab: int) -> _Captured | None:
+        """The graph of a step over this cache and span, captured on first use (None: no graphs)."""
         graphs = self._captures.setdefault(cache, OrderedDict())
-        address = cache.k.data_ptr()
-        for key in [key for key in graphs if key[0] != address]:
-            del graphs[key]  # the cache grew into new memory: those graphs point at the old one
-        key = (address, span, vocab)
+        # A graph holds raw addresses and strides: once the cache has grown into new memory,
+        # its graphs would write to freed memory, so they go.
+        layout = (cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))
+        for key in [key for key in graphs if key[0] != layout]:
+            del graphs[key]
+        key = (layout, span, vocab)
         if key not in graphs:
+            if sum(len(g) for g in self._captures.values()) >= MAX_GRAPHS:
+                for other in list(self._captures.values()):
+                    if other is not graphs:
+                        other.clear()
+                while graphs and len(graphs) >= MAX_GRAPHS:
+                    graphs.popitem(last=False)
             try:
                 graphs[key] = self._capture(cache, span, vocab)
             except Exception as exc:  # a capture that fails must not fail the request
                 log.warning("CUDA graph capture failed, decoding without graphs: %s", exc)
                 self.graphs = False
                 return None
-            while sum(len(g) for g in self._captures.values()) > MAX_GRAPHS:
-                oldest = min(self._captures.values(), key=len, default=graphs)
-                (oldest if oldest else graphs).popitem(last=False)
         graphs.move_to_end(key)
         return graphs[key]
 

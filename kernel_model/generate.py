@@ -106,12 +106,20 @@ class PrefixCache:
         if key in self._entries:
             self._entries[key][1].append(token)
 
-    def fit(self, keep: int) -> None:
-        """Drop least recently used caches until the rest fit in max_bytes; `keep` always stays."""
-        if self.max_bytes is None:
+    def fit(self, keep: int, positions: int = 0) -> None:
+        """Drop least recently used caches until all fit in max_bytes with `keep` grown to `positions`.
+
+        Called before the cache grows, so the memory of the caches dropped is free for it; the
+        cache being used always stays, however large.
+        """
+        if self.max_bytes is None or keep not in self._entries:
             return
+        kept = self._entries[keep][0]
+        layers, batch, heads, _, dim = kept.k.shape
+        per_position = 2 * layers * batch * heads * dim * kept.k.element_size()  # keys and values
+        growth = max(0, positions - kept.capacity) * per_position
         for key in list(self._entries):
-            if self.nbytes() <= self.max_bytes:
+            if self.nbytes() + growth <= self.max_bytes:
                 return
             if key != keep:
                 del self._entries[key]
@@ -358,8 +366,8 @@ class Generation:
         started = time.perf_counter()
         try:
             # Room for the whole completion now, so no step reallocates the cache mid-stream.
+            self.cache.fit(keep=key, positions=len(tokens) + self.max_new_tokens)
             kv.reserve(len(tokens) + self.max_new_tokens)
-            self.cache.fit(keep=key)
             logits = decoder.logits(tokens[reused:], reused, kv)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # prefill_ms is the device's time, not the launch's
