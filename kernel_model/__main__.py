@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import evaluation, fim, gguf, vocab
+from . import bench, evaluation, fim, gguf, vocab
 from .checkpoint import make_test_checkpoint
 from .codellama import load_model
 from .errors import ModelError
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.set_defaults(func=run_make_test_checkpoint)
 
     # The embedded model's pipeline: tokenizer training, FIM tokenization, evaluation.
-    for module in (vocab, fim, evaluation, gguf):
+    for module in (vocab, fim, evaluation, bench, gguf):
         module.add_cli(commands)
     return parser
 
