@@ -1,5 +1,10 @@
 """Tokenizer training for the embedded model, and Code Llama's FIM pieces added to a Llama tokenizer.
 
+Both add the FIM pieces the way Code Llama has them: NORMAL pieces scored below every other piece,
+with the partial pieces ("fragments") through which BPE merges reach each one from the ordinary
+segmentation of its text. sentencepiece and llama.cpp then both turn the text " <PRE>" into the FIM id,
+and text that never puts those ordinary tokens side by side encodes exactly as without them.
+
 Both edit sentencepiece's ModelProto at the protobuf wire level with the standard library only:
 `sentencepiece_model_pb2` would need the `protobuf` package, which the engine does not otherwise use.
 Repeated fields may be split across a message (parsers append in order of appearance), so appending
@@ -87,8 +92,15 @@ def encode_piece(piece: str, score: float, kind: int = NORMAL) -> bytes:
 
 
 def _fields(data: bytes) -> Iterator[tuple[int, int, object]]:
+    for number, wire, value, _ in _field_spans(data):
+        yield number, wire, value
+
+
+def _field_spans(data: bytes) -> Iterator[tuple[int, int, object, bytes]]:
+    """(number, wire type, value, the field's raw bytes) for each top-level field of a message."""
     pos = 0
     while pos < len(data):
+        start = pos
         key, pos = _read_varint(data, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
@@ -102,7 +114,7 @@ def _fields(data: bytes) -> Iterator[tuple[int, int, object]]:
             value, pos = data[pos : pos + 4], pos + 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield number, wire, value
+        yield number, wire, value, data[start:pos]
 
 
 def read_pieces(model_bytes: bytes) -> list[tuple[str, float, int]]:
@@ -136,20 +148,94 @@ def append_pieces(model_bytes: bytes, pieces: Iterable[tuple[str, float, int]]) 
     return model_bytes + b"".join(extra)
 
 
+def merge_fragments(model_bytes: bytes, targets: Iterable[str] = FIM_PIECES) -> list[str]:
+    """The pieces BPE needs to merge its way from the ordinary tokens of each target to the target.
+
+    Each target's text is segmented with the vocabulary as it is; the chain then grows from the token
+    holding "<" rightwards, then leftwards, one token per merge. A chain has a single merge of two
+    ordinary tokens (its first), so only text with that pair side by side is affected. Growing from
+    "<" keeps the name in that pair: for Llama 2 ("▁<" + "SU" + "F" + ">") this gives Code Llama's
+    "▁<SU", "▁<SUF" exactly, and a vocabulary without "▁<" gets "<SU"…, never a bare "▁<".
+    """
+    sp = sentencepiece.SentencePieceProcessor(model_proto=model_bytes)
+    existing = {p for p, _, _ in read_pieces(model_bytes)}
+    fragments: list[str] = []
+    for target in targets:
+        if target in existing:
+            raise ValueError(f"piece {target!r} is already in the vocabulary")
+        # The dummy prefix supplies the leading "▁" (a literal "▁" would be kept as a second one).
+        tokens = sp.encode(target.removeprefix("▁"), out_type=str)
+        if "".join(tokens) != target:
+            raise ValueError(f"{target!r} segments as {tokens}: not reachable by merges")
+        lo = hi = next(i for i, t in enumerate(tokens) if "<" in t)
+        while (lo, hi) != (0, len(tokens) - 1):
+            hi, lo = (hi + 1, lo) if hi < len(tokens) - 1 else (hi, lo - 1)
+            piece = "".join(tokens[lo : hi + 1])
+            if piece != target and piece not in existing and piece not in fragments:
+                fragments.append(piece)
+    return fragments
+
+
+def append_below(model_bytes: bytes, pieces: Iterable[str]) -> bytes:
+    """Append NORMAL `pieces`, each scored below every piece before it.
+
+    sentencepiece and llama.cpp both merge the adjacent pair whose union scores highest, so every
+    ordinary merge happens first and the appended pieces only ever join what is left.
+    """
+    floor = min(score for _, score, _ in read_pieces(model_bytes))
+    # float32 steps near -1e9 (Llama's "▁▁") are 64 apart; 1000 keeps each new score distinct and lower.
+    return append_pieces(model_bytes, [(p, floor - 1000.0 * (i + 1), NORMAL) for i, p in enumerate(pieces)])
+
+
 def add_fim_pieces(model_bytes: bytes) -> bytes:
     """Turn Llama 2's 32,000-piece tokenizer into Code Llama's 32,016-piece one (FIM ids 32007-32010).
 
-    The new pieces are NORMAL, scored below every existing piece: BPE only merges into them after all
-    ordinary merges, and only along the "▁<" + "PRE"... chain, so any text without " <PRE"/" <SU"/" <M"/
-    " <E" encodes exactly as before, while " <PRE>" still encodes to the FIM id as in Code Llama.
+    Meta's layout is kept piece for piece; its fragments are the ones `merge_fragments` derives from
+    Llama 2's vocabulary (the tests check that), so " <PRE>" encodes to 32007 as in Code Llama.
     """
     existing = read_pieces(model_bytes)
     if len(existing) != 32000:
         raise ValueError(f"expected Llama's 32000 pieces, got {len(existing)}")
-    floor = min(score for _, score, _ in existing)
-    # float32 steps near -1e9 are 64 apart; 1000 keeps each new score distinct and strictly lower.
-    extra = [(piece, floor - 1000.0 * (i + 1), NORMAL) for i, piece in enumerate(CODE_LLAMA_EXTRA_PIECES)]
-    return append_pieces(model_bytes, extra)
+    return append_below(model_bytes, CODE_LLAMA_EXTRA_PIECES)
+
+
+def _drop_last_merges(model_bytes: bytes, count: int) -> bytes:
+    """The model without its `count` last-learned merges, as if BPE training had stopped that much sooner.
+
+    sentencepiece's BPE trainer scores merges by learning order; a merge only joins earlier pieces, so
+    the last ones are no part of any other piece's path. Single characters (scored after the merges)
+    and non-NORMAL pieces stay.
+    """
+    if count <= 0:
+        return model_bytes
+    pieces = read_pieces(model_bytes)
+    merges = sorted((i for i, (p, _, k) in enumerate(pieces) if k == NORMAL and len(p) > 1),
+                    key=lambda i: pieces[i][1])  # fmt: skip
+    drop = set(merges[:count])
+    out, index = bytearray(), 0
+    for number, wire, _, raw in _field_spans(model_bytes):
+        if number == 1 and wire == 2:
+            index += 1
+            if index - 1 in drop:
+                continue
+        out += raw
+    return bytes(out)
+
+
+def with_fim_pieces(model_bytes: bytes) -> bytes:
+    """A trained model with the FIM pieces and their fragments in place of its last merges.
+
+    The vocabulary grows by the four FIM pieces only, as before. How many fragments are needed
+    depends on the segmentation, which depends on the merges kept, so drop merges until the two agree.
+    """
+    dropped = 0
+    for _ in range(16):
+        base = _drop_last_merges(model_bytes, dropped)
+        fragments = merge_fragments(base)
+        if len(fragments) == dropped:
+            return append_below(base, [*fragments, *FIM_PIECES])
+        dropped = len(fragments)
+    raise ValueError("the number of FIM fragments did not settle")
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -169,7 +255,7 @@ def trainer_options(vocab_size: int, **overrides) -> dict:
     """sentencepiece options: Llama's (BPE, byte fallback, identity, dummy prefix, ids 0/1/2/-1), for code."""
     options = {
         "model_type": "bpe",
-        # The four FIM pieces are appended afterwards (ids vocab_size-4 .. vocab_size-1, as in Code Llama).
+        # The four FIM pieces (and their fragments, in place of the last merges) are appended afterwards.
         "vocab_size": vocab_size - len(FIM_PIECES),
         "byte_fallback": True,
         "character_coverage": 0.9999,
@@ -207,9 +293,7 @@ def train_tokenizer(
     """Train a Code Llama-style BPE tokenizer on a corpus directory and write it to `out` (a .model file)."""
     out = Path(out)
     options = trainer_options(vocab_size, **overrides)
-    model = _train(_sentences(Path(corpus), options["max_sentence_length"]), options)
-    # USER_DEFINED so sentencepiece never splits them; scored 0 like other user-defined pieces.
-    model = append_pieces(model, [(piece, 0.0, USER_DEFINED) for piece in FIM_PIECES])
+    model = with_fim_pieces(_train(_sentences(Path(corpus), options["max_sentence_length"]), options))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model)
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sysconfig
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def test_add_fim_pieces_gives_code_llama_layout(llama_tokenizer_file: Path) -> N
     assert (new.bos_id(), new.eos_id(), new.unk_id()) == (1, 2, 0)
     kinds = [kind for _, _, kind in vocab.read_pieces(extended)[32000:]]
     assert kinds == [vocab.NORMAL] * 16
+    # The fragments are the merge chains derived from Llama 2's own segmentation: one mechanism for both.
+    assert sorted(vocab.merge_fragments(original)) == sorted(vocab.CODE_LLAMA_EXTRA_PIECES[:7])
 
 
 def test_add_fim_pieces_keeps_ordinary_encodings(llama_tokenizer_file: Path) -> None:
@@ -102,16 +105,59 @@ def tiny_tokenizer(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) 
     return vocab.train_tokenizer(tiny_corpus, out, vocab_size=1000, num_threads=1)
 
 
+def appended_ids(model_file: Path) -> range:
+    """Ids of the FIM pieces and their fragments: the tail of pieces that are parts of a FIM piece."""
+    pieces = [p for p, _, _ in vocab.read_pieces(model_file.read_bytes())]
+    first = len(pieces)
+    # Trained single characters such as "<" end the trained pieces; fragments are longer.
+    while len(pieces[first - 1]) > 1 and any(pieces[first - 1] in f for f in vocab.FIM_PIECES):
+        first -= 1
+    return range(first, len(pieces))
+
+
 def test_trained_tokenizer_has_llama_ids_and_fim_pieces(tiny_tokenizer: Path) -> None:
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tiny_tokenizer))
     assert sp.vocab_size() == 1000
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
     assert sp.id_to_piece(3) == "<0x00>" and sp.id_to_piece(258) == "<0xFF>"  # byte fallback, Llama's ids
     assert [sp.piece_to_id(p) for p in vocab.FIM_PIECES] == [996, 997, 998, 999]
-    kinds = {piece: kind for piece, _, kind in vocab.read_pieces(tiny_tokenizer.read_bytes())}
-    assert all(kinds[p] == vocab.USER_DEFINED for p in vocab.FIM_PIECES)
+    pieces = vocab.read_pieces(tiny_tokenizer.read_bytes())
+    appended = appended_ids(tiny_tokenizer)
+    assert len(appended) > len(vocab.FIM_PIECES)  # the fragments come first, as in Code Llama
+    # NORMAL, scored below every trained piece, as Code Llama's are: reached by merges, last.
+    assert all(pieces[i][2] == vocab.NORMAL for i in appended)
+    floor = min(score for _, score, _ in pieces[: appended.start])
+    assert all(pieces[i][1] < floor for i in appended)
     tok = Tokenizer(tiny_tokenizer)
     assert tok.supports_infilling and (tok.bos_id, tok.eos_id) == (1, 2)
+
+
+def test_trained_tokenizer_merges_into_fim_pieces(tiny_tokenizer: Path) -> None:
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tiny_tokenizer))
+    tok = Tokenizer(tiny_tokenizer)
+    fim = [tok.prefix_id, tok.suffix_id, tok.middle_id, tok.eot_id]
+    assert [sp.encode(piece.removeprefix("▁")) for piece in vocab.FIM_PIECES] == [[i] for i in fim]
+    ids = sp.encode("<PRE> x = 1 <SUF>\n <MID>")
+    assert [i for i in ids if i in fim] == [tok.prefix_id, tok.suffix_id, tok.middle_id]
+
+
+def test_trained_tokenizer_encodes_code_as_without_fim_pieces(tiny_tokenizer: Path) -> None:
+    model = tiny_tokenizer.read_bytes()
+    sp = sentencepiece.SentencePieceProcessor(model_proto=model)
+    # The appended pieces are the lowest-scored merges: dropping them gives the trained vocabulary back.
+    base = sentencepiece.SentencePieceProcessor(
+        model_proto=vocab._drop_last_merges(model, len(appended_ids(tiny_tokenizer)))
+    )
+    assert base.vocab_size() == appended_ids(tiny_tokenizer).start
+    # A chain's first merge joins "▁<" and the first token of a FIM name, as Code Llama's do; text
+    # with " <" right before P, S, M or E may therefore merge into a fragment (Code Llama too). All
+    # other text encodes exactly as before.
+    checked = 0
+    for text in SNIPPETS + stdlib_sources(400):
+        if not re.search(r" <[PSME]", text):
+            assert sp.encode(text) == base.encode(text)
+            checked += 1
+    assert checked > 100
 
 
 def test_trained_tokenizer_learns_indentation_pieces(tiny_tokenizer: Path) -> None:
