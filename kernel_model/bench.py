@@ -142,7 +142,7 @@ def build_engine(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     """(CodeLlama, ModelArgs) for --model or --shape, with the requested fast paths applied."""
     options = {
         "quant": args.quant, "compile": args.compile, "fast": not args.plain,
-        "warmup": device.type == "cuda" or args.compile,
+        "warmup": True,
     }  # fmt: skip
     if args.model is not None:
         engine = load_model(args.model, device, dtype, max_context=max_context, **options)

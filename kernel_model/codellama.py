@@ -66,14 +66,14 @@ def load_model(
     quant: str | None = None,
     compile: bool | str = False,
     graphs: bool | None = None,
-    warmup: bool | None = None,
+    warmup: bool = True,
 ) -> CodeLlama:
     """A checkpoint folder (Meta or Hugging Face layout) or "embedded", ready to generate.
 
     `fast` (default) runs fused projections and, on CUDA, decode steps replayed as CUDA graphs
     (`graphs`, default on there); `quant="int8"` stores projections as int8 with per-row scales;
     `compile` also compiles the decode step (True: inductor, or a torch.compile backend name).
-    `warmup` (default: on CUDA or when compiling) does at load what the first keystroke would.
+    `warmup` does at load what the first keystroke would otherwise pay for (see CodeLlama.warmup).
     """
     if not 16 <= max_context <= MAX_CONTEXT:
         raise ModelError(f"max_context must be between 16 and {MAX_CONTEXT}, not {max_context}")
@@ -95,8 +95,6 @@ def load_model(
             f"{model.args.vocab_size}: they do not belong together"
         )
     name = "embedded" if embedded else folder.name
-    if warmup is None:
-        warmup = resolved_device.type == "cuda" or bool(compile)
     return CodeLlama(
         model, tokenizer, name=name, layout=layout,
         fast=fast, quant=quant, compile=compile, graphs=graphs, warmup=warmup,
