@@ -440,7 +440,7 @@ def hf_model(state: dict[str, torch.Tensor], shape: ModelArgs, device: torch.dev
             parent_name, _, child = module_name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, type(module)(config).to(device))
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()  # every weight is already ours, in our dtype; RoPE frequencies stay float32
 
 
 def hf_runner(model, device: torch.device, static: bool) -> Runner:

@@ -265,3 +265,16 @@ def test_bench_prints_one_json_object(codellama_tokenizer_file):
     assert set(report["hf"]) == {"static_cache", "eager"}
     assert "error" not in report["hf"]["eager"], report["hf"]["eager"]
     assert report["decode_speedup_vs_hf"]["eager"]["wall"]["runs"] >= 3
+
+
+def test_bench_builds_transformers_on_the_same_weights():
+    pytest.importorskip("transformers")
+    from kernel_model.bench import float_state, hf_model
+
+    args = shape(kv_heads=2)
+    ours = model(args)
+    FastTransformer(ours)  # fused views, as the bench hands them over
+    theirs = hf_model(float_state(ours), args, CPU, torch.float32)
+    ids = torch.tensor([some_ids(40)])
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)).abs().max() <= 1e-4
