@@ -286,9 +286,13 @@ class CodeLlamaMagics(Magics):
 
         A click reaches the kernel only while it is idle. Only worth it when someone is watching:
         frontends with a person at them allow stdin (JupyterLab, Notebook, VS Code); nbclient and
-        nbconvert do not, and they keep only what a cell shows before it ends.
+        nbconvert do not, and they keep only what a cell shows before it ends. With the server's
+        model the JupyterLab renderer has its own Stop, which reaches the server while the cell
+        runs: a second button would only repeat it.
         """
         if args.wait or args.insert or importlib.util.find_spec("ipywidgets") is None:
+            return False
+        if self.backend.kind == "server":
             return False
         return bool(getattr(getattr(self.shell, "kernel", None), "_allow_stdin", False))
 

@@ -564,20 +564,55 @@ def test_interrupting_the_kernel_stops_the_answer_on_the_server(kernel, server):
     assert not [m for m in seen if m["msg_type"] == "error"]
 
 
-def test_the_stop_button_stops_the_answer_on_the_server(kernel):
-    pytest.importorskip("ipywidgets")
-    # A frontend with a person at it (stdin allowed): the cell returns at once and the answer streams on.
+def test_a_stop_from_the_browser_stops_the_answer_on_the_server(kernel, server):
+    import websocket
+
+    # JupyterLab's renderer sends the answer's request id over the tab's own socket while the cell runs.
     msg_id = kernel.execute(LONG.format(options=""), allow_stdin=True)
-    seen: list[dict] = []
-    kernel.until(lambda m: is_idle(m, msg_id), seen)
-    [button] = [
-        m["content"]["comm_id"]
-        for m in seen
-        if m["msg_type"] == "comm_open" and m["content"]["data"]["state"].get("_model_name") == "ButtonModel"
-    ]
-    kernel.until(lambda m: (answer_in(m) or {}).get("tokens", 0) > 0)
-    kernel.request(
-        "comm_msg", {"comm_id": button, "data": {"method": "custom", "content": {"event": "click"}}}
-    )
+    first = answer_in(kernel.until(lambda m: (answer_in(m) or {}).get("tokens", 0) > 0))
+    assert first is not None and first["backend"] == "server"
+    browser = websocket.create_connection(
+        f"ws://127.0.0.1:{server.port}/lab-base/codellama/ws",
+        header=[f"Authorization: token {server.token}"], timeout=60,
+    )  # fmt: skip
+    browser.send(json.dumps({"type": "cancel", "id": first["request_id"]}))
     final = answer_in(kernel.until(lambda m: (answer_in(m) or {}).get("done", False)))
+    browser.close()
     assert final is not None and final["cancelled"] and final["tokens"] < 3000
+    kernel.until(lambda m: is_idle(m, msg_id))
+
+
+def test_the_stop_button_stops_an_answer_the_kernel_writes(fim_checkpoint, tmp_path):
+    pytest.importorskip("ipywidgets")
+    from jupyter_client.manager import start_new_kernel
+
+    manager, client = start_new_kernel(
+        kernel_name="python3", env=kernel_env(JUPYTER_CODELLAMA_MODEL=str(fim_checkpoint)), cwd=str(tmp_path)
+    )
+    try:
+        client.execute_interactive(LOAD, timeout=120)
+        # A frontend with a person at it (stdin allowed): the cell returns at once and the answer streams on.
+        msg_id = client.execute(LONG.format(options=""), allow_stdin=True)
+        seen = []
+        while not seen or not is_idle(seen[-1], msg_id):
+            seen.append(client.get_iopub_msg(timeout=300))
+        [button] = [
+            m["content"]["comm_id"]
+            for m in seen
+            if m["msg_type"] == "comm_open"
+            and m["content"]["data"]["state"].get("_model_name") == "ButtonModel"
+        ]
+        message = seen[-1]
+        while not (answer_in(message) or {}).get("tokens", 0):
+            message = client.get_iopub_msg(timeout=300)
+        click = client.session.msg("comm_msg", {"comm_id": button, "data": {"method": "custom",
+                                                                          "content": {"event": "click"}}})  # fmt: skip
+        client.shell_channel.send(click)
+        while not (answer_in(message) or {}).get("done", False):
+            message = client.get_iopub_msg(timeout=300)
+        final = answer_in(message)
+        assert final is not None and final["backend"] == "kernel"
+        assert final["cancelled"] and final["tokens"] < 3000
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
