@@ -170,6 +170,10 @@ class CodeLlama:
         Static decode steps are checked against the eager forward; if they disagree the engine
         falls back to eager steps (and says so in the log) rather than serve wrong tokens.
         """
+        with self._lock:  # the decoder's buffers are shared with any generation running
+            self._warmup()
+
+    def _warmup(self) -> None:
         healing_index(self.tokenizer)
         decoder = self.decoder
         if not isinstance(decoder, FastDecoder) or not decoder.static:
