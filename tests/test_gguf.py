@@ -172,12 +172,6 @@ def test_llama_cpp_tokenizes_like_sentencepiece(pair) -> None:
     for text in [*COMPLETIONS, "  x = 1\n\tprint('naïve ☃ 😀')\n"]:
         assert llama.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text, bos=True), text
     # The remote backend sends FIM prompts as raw text: llama.cpp must find Meta's ids in it.
-    if is_user_defined(tok, tok.prefix_id):
-        # Tokenizers trained before FIM pieces became NORMAL (an embedded model not yet retrained) store
-        # them USER_DEFINED: llama.cpp only matches such a piece's exact text, and puts a space before
-        # the text that follows one. NORMAL pieces reached by merges, as Code Llama's and ours now are,
-        # it reproduces.
-        pytest.xfail("llama.cpp cannot find user-defined FIM pieces in raw text (old embedded tokenizer)")
     for prefix, suffix in INFILLS:
         for order in ("psm", "spm"):
             expected = infilling_prompt(tok, prefix, suffix, suffix_first=order == "spm", heal=False).ids
@@ -194,12 +188,6 @@ def test_llama_cpp_tokenizes_like_sentencepiece(pair) -> None:
 
 def spaces_merge_first(tok) -> bool:
     return tok.sp.get_score(tok.sp.piece_to_id("▁▁")) > tok.sp.get_score(tok.sp.piece_to_id("▁<"))
-
-
-def is_user_defined(tok, index: int) -> bool:
-    from kernel_model.vocab import USER_DEFINED, read_pieces
-
-    return read_pieces(tok.path.read_bytes())[index][2] == USER_DEFINED
 
 
 def test_llama_cpp_greedy_equals_kernel_model(pair) -> None:
