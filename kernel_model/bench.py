@@ -44,7 +44,7 @@ EDIT_TOKENS = 12  # about one line of code: what a keystroke-level edit changes 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="measure decode, prefill and time to first token (JSON)")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="checkpoint folder, or 'embedded'")
     source.add_argument("--shape", help=f"random weights: 7b, 13b, 34b, {', '.join(SMALL_SHAPES)}")
     p.add_argument("--dim", type=int, help="override the shape's model width")
@@ -356,6 +356,10 @@ def head_to_head(
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.model is None and args.shape is None:
+        if args.dim is None and args.layers is None and args.heads is None:
+            raise ModelError("give --model PATH, --shape NAME, or a custom --dim/--layers/--heads")
+        args.shape = "tiny"  # the custom sizes override the small preset
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
