@@ -417,27 +417,17 @@ def device_name(device: torch.device) -> str:
 def hf_model(state: dict[str, torch.Tensor], shape: ModelArgs, device: torch.device, dtype: torch.dtype):
     import transformers
 
-    from .checkpoint import meta_to_hf_name, permute_rotary
+    from .checkpoint import hf_config, hf_state_dict
 
-    config = transformers.LlamaConfig(
-        hidden_size=shape.dim, intermediate_size=shape.hidden_dim, num_hidden_layers=shape.n_layers,
-        num_attention_heads=shape.n_heads, num_key_value_heads=shape.n_kv_heads,
-        vocab_size=shape.vocab_size, rms_norm_eps=shape.norm_eps, rope_theta=shape.rope_theta,
-        max_position_embeddings=shape.max_context, hidden_act="silu", tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+    fields = {
+        k: v for k, v in hf_config(shape).items() if k not in ("architectures", "model_type", "torch_dtype")
+    }
+    config = transformers.LlamaConfig(**fields, pad_token_id=0)
     config._attn_implementation = "sdpa"
-    hf_state = {}
-    for name, tensor in state.items():
-        # HF's rotate-half RoPE wants q/k rows permuted (checkpoint.write_hf does the same on disk).
-        if name.endswith("attention.wq.weight"):
-            tensor = permute_rotary(tensor, shape.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            tensor = permute_rotary(tensor, shape.n_kv_heads)
-        hf_state[meta_to_hf_name(name)] = tensor.contiguous()
+    hf_state = hf_state_dict(shape, state)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
-    model.load_state_dict(hf_state, assign=True, strict=False)
+    model.load_state_dict(hf_state, assign=True)
     # Non-persistent buffers (RoPE frequencies) were made on the meta device: make them for real.
     for module_name, module in list(model.named_modules()):
         if any(b.device.type == "meta" for b in module.buffers(recurse=False)):

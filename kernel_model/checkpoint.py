@@ -243,8 +243,8 @@ def write_meta(out: Path, args: ModelArgs, state: dict[str, torch.Tensor], shard
         torch.save(part, out / f"consolidated.{shard:02d}.pth")
 
 
-def write_hf(out: Path, args: ModelArgs, state: dict[str, torch.Tensor], shards: int = 1) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def hf_state_dict(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Meta-named weights under Hugging Face's names, q/k rows permuted for its rotate-half RoPE."""
     hf_state = {}
     for name, tensor in state.items():
         if name.endswith("attention.wq.weight"):
@@ -252,7 +252,12 @@ def write_hf(out: Path, args: ModelArgs, state: dict[str, torch.Tensor], shards:
         elif name.endswith("attention.wk.weight"):
             tensor = permute_rotary(tensor, args.n_kv_heads)
         hf_state[meta_to_hf_name(name)] = tensor.contiguous()
-    config = {
+    return hf_state
+
+
+def hf_config(args: ModelArgs) -> dict:
+    """The `config.json` of a LlamaForCausalLM with this shape."""
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
         "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
@@ -260,7 +265,12 @@ def write_hf(out: Path, args: ModelArgs, state: dict[str, torch.Tensor], shards:
         "max_position_embeddings": args.max_context, "hidden_act": "silu", "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
     }  # fmt: skip
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_hf(out: Path, args: ModelArgs, state: dict[str, torch.Tensor], shards: int = 1) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    hf_state = hf_state_dict(args, state)
+    (out / "config.json").write_text(json.dumps(hf_config(args), indent=2) + "\n")
     names = list(hf_state)
     if shards == 1:
         save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})

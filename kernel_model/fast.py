@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, check_positions
 
 log = logging.getLogger(__name__)
 
@@ -246,14 +246,11 @@ class FastTransformer(nn.Module):
         """tokens [B, T] at positions start..start+T-1 → logits [B, T, V] (or [B, 1, V] with last_only)."""
         seq_len = tokens.shape[1]
         end = start + seq_len
-        if end > self.args.max_context:
-            raise ValueError(f"{end} tokens exceed the model's context of {self.args.max_context}")
+        check_positions(self.args, start, end, cache)
         if cache is None:
             if seq_len > self.prefill_chunk:
                 raise ValueError("prompts longer than one prefill chunk need a cache to be chunked")
             return self._chunk(tokens, start, None, last_only)
-        if start > cache.length:
-            raise ValueError(f"cache holds {cache.length} positions, cannot continue at {start}")
         cache.reserve(end)
         if seq_len == 1 and tokens.shape[0] == 1:
             return self._decode_one(tokens, start, cache)
@@ -329,8 +326,7 @@ class FastTransformer(nn.Module):
 
     def step(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
         """Logits [V] after one host-side token at `position` of a one-sequence cache."""
-        if position > cache.length or position >= self.args.max_context:
-            raise ValueError(f"cannot decode at {position}: the cache holds {cache.length} positions")
+        check_positions(self.args, position, position + 1, cache)
         cache.reserve(position + 1)
         return self._decode_one(token, position, cache)[0, 0]
 

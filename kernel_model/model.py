@@ -127,11 +127,8 @@ class Transformer(nn.Module):
         """tokens [B, T] at positions start..start+T-1 → logits [B, T, V] (or [B, 1, V] with last_only)."""
         seq_len = tokens.shape[1]
         end = start + seq_len
-        if end > self.args.max_context:
-            raise ValueError(f"{end} tokens exceed the model's context of {self.args.max_context}")
+        check_positions(self.args, start, end, cache)
         if cache is not None:
-            if start > cache.length:
-                raise ValueError(f"cache holds {cache.length} positions, cannot continue at {start}")
             cache.reserve(end)
         cos, sin = rope_tables(self.args, start, end, tokens.device)
         mask = causal_mask(start, seq_len, tokens.device)
@@ -143,6 +140,14 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
+
+
+def check_positions(args: ModelArgs, start: int, end: int, cache: KVCache | None) -> None:
+    """Refuse positions start..end-1 past the context, or a chunk that skips what the cache holds."""
+    if end > args.max_context:
+        raise ValueError(f"{end} tokens exceed the model's context of {args.max_context}")
+    if cache is not None and start > cache.length:
+        raise ValueError(f"cache holds {cache.length} positions, cannot continue at {start}")
 
 
 class TransformerBlock(nn.Module):
