@@ -50,7 +50,15 @@ MAX_UNSENT_BYTES = 8 << 20
 
 
 class KernelKeyMixin:
-    """Accept the per-server key that kernels of this server hold, besides the usual credentials."""
+    """What every /codellama endpoint shares: the service and limits, and the kernels' per-server key."""
+
+    @property
+    def service(self) -> ModelService:
+        return self.settings["codellama_service"]
+
+    @property
+    def limits(self) -> Limits:
+        return self.settings["codellama_limits"]
 
     async def prepare(self, *args: Any, **kwargs: Any) -> None:
         handler: JupyterHandler = self  # type: ignore[assignment]
@@ -70,14 +78,6 @@ class KernelKeyMixin:
 
 class CodeLlamaAPIHandler(KernelKeyMixin, APIHandler):
     auth_resource = AUTH_RESOURCE
-
-    @property
-    def service(self) -> ModelService:
-        return self.settings["codellama_service"]
-
-    @property
-    def limits(self) -> Limits:
-        return self.settings["codellama_limits"]
 
     def reply_error(self, status: int, message: str) -> None:
         self.set_status(status)
@@ -138,14 +138,6 @@ class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, Jupyter
 
     def set_default_headers(self) -> None:
         """JupyterHandler's page headers mean nothing on a websocket."""
-
-    @property
-    def service(self) -> ModelService:
-        return self.settings["codellama_service"]
-
-    @property
-    def limits(self) -> Limits:
-        return self.settings["codellama_limits"]
 
     @property
     def max_message_size(self) -> int:
