@@ -9,6 +9,10 @@ line or right after a block header's colon, where the only useful completion is 
 "none" keeps all the model wrote. Lines inside brackets or strings the completion opened never stop
 it.
 
+Line breaks come out as "\n" whatever the model wrote ("\r\n", a lone "\r"): a cell's lines end in
+"\n", and a "\r" the editor does not break on would make one line of several, for the eye, for
+"accept next line" and for Python.
+
 In every mode, text that only repeats what already follows the cursor is dropped: the completion
 stops before a line equal to the first non-blank line of the suffix, and a tail that equals the
 start of the suffix (a closing bracket the editor already inserted, the rest of the line) is cut.
@@ -38,6 +42,7 @@ _BLOCK_HEADER = re.compile(
     r"[ \t]*(?:async[ \t]+)?(?:def|class|if|elif|else|for|while|with|try|except|finally|match|case)\b"
     r".*:[ \t]*(?:#.*)?$"
 )
+_FOREIGN_LINE_BREAK = re.compile(r"\r\n?")
 _OPENERS = "([{"
 _CLOSERS = ")]}"
 _QUOTES = "'\""
@@ -60,6 +65,7 @@ def trim_completion(text: str, *, mode: str, prefix: str, suffix: str) -> str:
     """The part of a finished completion to show at the cursor between prefix and suffix."""
     resolved = resolve_mode(mode, prefix)
     cutter = _Cutter(resolved, prefix, suffix)
+    text = _FOREIGN_LINE_BREAK.sub("\n", text)
     cutter.advance(text, final=True)
     return _finalize(text[: cutter.cut], resolved, suffix)
 
@@ -74,7 +80,8 @@ class StreamTrimmer:
         self._mode = resolve_mode(mode, prefix)
         self._suffix = suffix
         self._cutter = _Cutter(self._mode, prefix, suffix)
-        self._text = ""
+        self._text = ""  # what was pushed, its line breaks made "\n"
+        self._after_cr = False  # the last delta ended in "\r": a "\n" starting the next one is its pair
         self._sent = 0  # characters of the cleaned text already emitted
         self._finished = False
 
@@ -82,7 +89,12 @@ class StreamTrimmer:
         """Text safe to emit now (never later retracted)."""
         if self.done or self._finished:
             return ""  # the stop point is known: nothing after it can change the result
-        self._text += delta
+        if not delta:
+            return ""
+        if self._after_cr and delta.startswith("\n"):
+            delta = delta[1:]
+        self._after_cr = delta.endswith("\r")
+        self._text += _FOREIGN_LINE_BREAK.sub("\n", delta)
         self._cutter.advance(self._text, final=False)
         safe = self._cutter.cut if self._cutter.cut is not None else self._cutter.safe
         cleaned = _strip_trailing(self._text[:safe])

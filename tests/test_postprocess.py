@@ -173,6 +173,13 @@ def test_a_final_newline_is_kept_only_where_the_suffix_continues_the_line() -> N
     assert trim("\n\n", mode="block", prefix="", suffix="b") == ""
 
 
+def test_line_breaks_come_out_as_newlines_however_the_model_wrote_them() -> None:
+    assert trim("a = 1\r\nb = 2\rc = 3\r\n", mode="none") == "a = 1\nb = 2\nc = 3"
+    assert trim("a = 1\rb = 2", mode="line", prefix="x = 0\n") == "a = 1"
+    # A "\r\n" split across two deltas is one line break, not two.
+    assert "".join(stream(["a\r", "\nb\r", "\r\n", "c"], mode="none")) == "a\nb\n\nc"
+
+
 # --- streaming --------------------------------------------------------------------------------
 
 
@@ -213,7 +220,7 @@ def test_streaming_block_mode_stops_at_the_dedent_without_more_text() -> None:
 
 CODE_ALPHABET = st.sampled_from(
     ["a", "b", "x", "_", "1", " ", "    ", "\t", "\n", "\n\n", "(", ")", "[", "]", "{", "}", ":", ",", "=",
-     "#", "%", "# %%", "'", '"', '"""', "\\", "return", "def f():", "pass"]
+     "#", "%", "# %%", "\r", "\r\n", "'", '"', '"""', "\\", "return", "def f():", "pass"]
 )  # fmt: skip
 CODE = st.lists(CODE_ALPHABET, max_size=30).map("".join)
 
@@ -277,4 +284,5 @@ def test_trimmed_text_is_the_start_of_the_completion_or_a_cut_of_it(
 
 
 def _squeeze(text: str) -> str:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     return "\n".join(line.rstrip() for line in text.split("\n")).rstrip()
