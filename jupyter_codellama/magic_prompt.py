@@ -41,6 +41,8 @@ class MagicPrompt:
 
     def code(self, generated: str) -> str:
         """The answer as a cell: a fill cell completed, or the generated code."""
+        # A cell's lines end in "\n"; the in-kernel model's raw text may not (the server's is already clean).
+        generated = generated.replace("\r\n", "\n").replace("\r", "\n")
         if self.kind == "fill":
             return self.before + generated + self.after
         return generated.strip("\n").rstrip()

@@ -145,6 +145,7 @@ def test_fill_cell_infills_and_answers_the_whole_cell():
     assert prompt.infill and prompt.kind == "fill"
     assert prompt.prefix.endswith("# %%\ndef area(r):\n    return ") and prompt.suffix == "\n"
     assert prompt.code("math.pi * r ** 2") == "def area(r):\n    return math.pi * r ** 2\n"
+    assert prompt.code("(\r\n    r\r)") == "def area(r):\n    return (\n    r\n)\n"
 
 
 def test_fill_errors_are_one_sentence():
