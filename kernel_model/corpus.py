@@ -24,7 +24,7 @@ import tarfile
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -685,10 +685,15 @@ def _analyze_batch(batch: list[tuple[str, str, str, str, str, bytes]]) -> list[l
     return [_analyze(item) for item in batch]
 
 
-def _bounded_map(
-    pool: concurrent.futures.Executor, items: Iterable, window: int, batch: int = 32
+def bounded_map(
+    pool: concurrent.futures.Executor,
+    batch_fn: Callable[[list], list],
+    items: Iterable,
+    window: int,
+    batch: int = 32,
 ) -> Iterator:
-    """Ordered map keeping only `window` batches in flight (Executor.map would read every file up front)."""
+    """Ordered map of `batch_fn` over batches of `items`, keeping only `window` batches in flight
+    (Executor.map would read the whole input up front); yields the results one item at a time."""
     pending: collections.deque = collections.deque()
     iterator = iter(items)
     while True:
@@ -696,7 +701,7 @@ def _bounded_map(
             chunk = list(itertools.islice(iterator, batch))
             if not chunk:
                 break
-            pending.append(pool.submit(_analyze_batch, chunk))
+            pending.append(pool.submit(batch_fn, chunk))
         if not pending:
             return
         yield from pending.popleft().result()
@@ -892,7 +897,7 @@ def build_corpus(
             pool = concurrent.futures.ProcessPoolExecutor(
                 workers, initializer=_init_worker, initargs=init_args
             )
-            results: Iterable = _bounded_map(pool, filtered(), window=4 * workers)
+            results: Iterable = bounded_map(pool, _analyze_batch, filtered(), window=4 * workers)
         else:
             pool = None
             _init_worker(*init_args)

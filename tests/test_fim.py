@@ -196,9 +196,13 @@ def test_tokenize_corpus_and_batches(corpus_dir: Path, trained_tokenizer: Tokeni
         for i, d in enumerate(docs)
     ]
     assert np.array_equal(tokens, np.concatenate([np.asarray(x) for x in expected]))
-    again = tmp_path / "again.bin"
-    fim.tokenize_corpus(corpus_dir, trained_tokenizer, again, vocab_size=800, seed=3, epochs=2)
-    assert again.read_bytes() == out.read_bytes()
+    # Reproducible, and the same bytes however many processes tokenize.
+    for workers in (1, 2):
+        again = tmp_path / f"again-{workers}.bin"
+        fim.tokenize_corpus(
+            corpus_dir, trained_tokenizer, again, vocab_size=800, seed=3, epochs=2, workers=workers
+        )
+        assert again.read_bytes() == out.read_bytes()
 
     seq_len, batch_size = 64, 8
     windows = (len(tokens) - 1) // seq_len
