@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from .client import CodeLlamaError, ModelInfo
 from .kernel_context import KernelContext
+from .postprocess import normalize_line_breaks
 
 FILL = "<FILL>"
 CHARS_PER_TOKEN = 3
@@ -42,7 +43,7 @@ class MagicPrompt:
     def code(self, generated: str) -> str:
         """The answer as a cell: a fill cell completed, or the generated code."""
         # A cell's lines end in "\n"; the in-kernel model's raw text may not (the server's is already clean).
-        generated = generated.replace("\r\n", "\n").replace("\r", "\n")
+        generated = normalize_line_breaks(generated)
         if self.kind == "fill":
             return self.before + generated + self.after
         return generated.strip("\n").rstrip()

@@ -32,7 +32,7 @@ from typing import Literal, cast
 
 from .context import CELL_MARKER
 
-__all__ = ["Mode", "StreamTrimmer", "resolve_mode", "trim_completion"]
+__all__ = ["Mode", "StreamTrimmer", "normalize_line_breaks", "resolve_mode", "trim_completion"]
 
 Mode = Literal["line", "block", "auto", "none"]
 MODES: tuple[Mode, ...] = ("line", "block", "auto", "none")
@@ -46,6 +46,11 @@ _FOREIGN_LINE_BREAK = re.compile(r"\r\n?")
 _OPENERS = "([{"
 _CLOSERS = ")]}"
 _QUOTES = "'\""
+
+
+def normalize_line_breaks(text: str) -> str:
+    """Every "\r\n" and lone "\r" as "\n", the only line break a cell has."""
+    return _FOREIGN_LINE_BREAK.sub("\n", text)
 
 
 def resolve_mode(mode: str, prefix: str) -> Mode:
@@ -65,7 +70,7 @@ def trim_completion(text: str, *, mode: str, prefix: str, suffix: str) -> str:
     """The part of a finished completion to show at the cursor between prefix and suffix."""
     resolved = resolve_mode(mode, prefix)
     cutter = _Cutter(resolved, prefix, suffix)
-    text = _FOREIGN_LINE_BREAK.sub("\n", text)
+    text = normalize_line_breaks(text)
     cutter.advance(text, final=True)
     return _finalize(text[: cutter.cut], resolved, suffix)
 
@@ -94,7 +99,7 @@ class StreamTrimmer:
         if self._after_cr and delta.startswith("\n"):
             delta = delta[1:]
         self._after_cr = delta.endswith("\r")
-        self._text += _FOREIGN_LINE_BREAK.sub("\n", delta)
+        self._text += normalize_line_breaks(delta)
         self._cutter.advance(self._text, final=False)
         safe = self._cutter.cut if self._cutter.cut is not None else self._cutter.safe
         cleaned = _strip_trailing(self._text[:safe])
