@@ -262,6 +262,14 @@ def freed(jobs: list[weakref.ref]) -> Callable[[], bool]:
     return check
 
 
+async def stopped_early(svc: Any, stream: Any, max_new_tokens: int) -> None:
+    """The worker is free again and the generation ended before its token limit."""
+    await wait_until(lambda: svc.current is None)
+    result = stream.generation.result
+    # Stopped by the cancel flag, by the engine ("cancelled") or by the service between deltas.
+    assert result.finish_reason in ("cancelled", "closed") and result.completion_tokens < max_new_tokens
+
+
 async def test_a_client_leaving_mid_stream_stops_its_generation(jp_fetch, jp_ws_fetch, jp_serverapp):
     await wait_state(jp_fetch)
     svc = service(jp_serverapp)
@@ -272,10 +280,7 @@ async def test_a_client_leaving_mid_stream_stops_its_generation(jp_fetch, jp_ws_
         first = await read_json(ws)
         assert first["type"] == "chunk"
         ws.close()  # mid-stream
-        await wait_until(lambda: svc.current is None)
-        result = streams[0].generation.result
-        # Stopped by the cancel flag, by the engine ("cancelled") or by the service between deltas.
-        assert result.finish_reason in ("cancelled", "closed") and result.completion_tokens < 512
+        await stopped_early(svc, streams[0], max_new_tokens=512)
     finally:
         undo()
     # Nothing of the connection is kept: its job is gone, the cache within its slots.
@@ -300,10 +305,7 @@ async def test_a_rest_client_leaving_stops_its_generation(jp_fetch, jp_serverapp
         await writer.drain()
         await wait_until(lambda: bool(streams) and streams[0].generation.result.completion_tokens > 0)
         writer.close()  # the client gives up mid-generation
-        await wait_until(lambda: svc.current is None)
-        result = streams[0].generation.result
-        # Stopped by the cancel flag, by the engine ("cancelled") or by the service between deltas.
-        assert result.finish_reason in ("cancelled", "closed") and result.completion_tokens < 512
+        await stopped_early(svc, streams[0], max_new_tokens=512)
     finally:
         undo()
     await wait_until(freed(jobs))
