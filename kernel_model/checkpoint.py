@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelError
+from .fast import quantize_rows
 from .model import ModelArgs, Transformer, ffn_hidden_dim
 
 # How fairscale's model-parallel layers split each weight across Meta's shards: the dimension to
@@ -27,6 +28,10 @@ _META_SHARD_DIM = {
     "wo": 1, "w2": 1,  # RowParallelLinear
     "attention_norm": None, "ffn_norm": None, "norm": None,
 }  # fmt: skip
+
+# A matrix stored as int8 (our format for small shipped models; Meta's own checkpoints are bf16) has
+# one float32 scale per row beside it, under its name plus this suffix: w = q * scale[:, None].
+INT8_SCALE_SUFFIX = "_scale"
 
 _HF_TOP_NAMES = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -112,12 +117,25 @@ def meta_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for name in shards[0]:
         if name.endswith("rope.freqs"):  # a precomputed table older checkpoints carry; derived here
             continue
-        parts = [shard[name] for shard in shards]
+        if name.endswith(INT8_SCALE_SUFFIX):
+            continue  # read with its matrix
+        # Each shard's rows carry their own scales, so shards are dequantized before they are merged.
+        parts = [dequantized(shard, name) for shard in shards]
         kind = name.split(".")[-2]
         if kind not in _META_SHARD_DIM:
             raise ModelError(f"unexpected weight {name!r} in the Meta checkpoint")
         dim = _META_SHARD_DIM[kind]
         yield name, parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def dequantized(shard: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    tensor = shard[name]
+    if tensor.dtype != torch.int8:
+        return tensor
+    scale = shard.get(name + INT8_SCALE_SUFFIX)
+    if scale is None or scale.shape != tensor.shape[:1]:
+        raise ModelError(f"weight {name} is int8 but has no per-row {name}{INT8_SCALE_SUFFIX} beside it")
+    return tensor.float() * scale.float()[:, None]
 
 
 def hf_tensors(folder: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
@@ -223,7 +241,10 @@ def random_state(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_meta(out: Path, args: ModelArgs, state: dict[str, torch.Tensor], shards: int = 1) -> None:
+def write_meta(
+    out: Path, args: ModelArgs, state: dict[str, torch.Tensor], shards: int = 1, int8: bool = False
+) -> None:
+    """`int8`: store every matrix as per-row absmax int8 (half of bf16's bytes); norms keep their dtype."""
     out.mkdir(parents=True, exist_ok=True)
     params = {
         "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
@@ -239,7 +260,11 @@ def write_meta(out: Path, args: ModelArgs, state: dict[str, torch.Tensor], shard
         part = {}
         for name, tensor in state.items():
             dim = _META_SHARD_DIM[name.split(".")[-2]]
-            part[name] = tensor.clone() if dim is None else tensor.chunk(shards, dim=dim)[shard].clone()
+            piece = tensor.clone() if dim is None else tensor.chunk(shards, dim=dim)[shard].clone()
+            if int8 and piece.dim() == 2:
+                piece, scale = quantize_rows(piece.float())
+                part[name + INT8_SCALE_SUFFIX] = scale
+            part[name] = piece
         torch.save(part, out / f"consolidated.{shard:02d}.pth")
 
 

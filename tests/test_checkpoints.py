@@ -6,9 +6,11 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from kernel_model import ModelError, load_model
-from kernel_model.checkpoint import make_test_checkpoint
+from kernel_model.checkpoint import load_transformer, make_test_checkpoint, random_state, write_meta
+from kernel_model.model import ModelArgs
 
 
 def test_python_variant_completes_but_refuses_to_infill(tmp_path, llama_tokenizer_file):
@@ -75,3 +77,36 @@ def test_corrupt_weights(tmp_path, fim_checkpoint):
 def test_bad_context_size(fim_checkpoint):
     with pytest.raises(ModelError, match="max_context"):
         load_model(fim_checkpoint, max_context=200_000)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_int8_weights_load_as_their_dequantized_values(tmp_path, codellama_tokenizer_file, shards):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32016, multiple_of=32)
+    state = random_state(args, seed=1)
+    write_meta(tmp_path, args, state, shards=shards, int8=True)
+    shutil.copyfile(codellama_tokenizer_file, tmp_path / "tokenizer.model")
+    stored = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    assert stored["layers.1.feed_forward.w2.weight"].dtype == torch.int8
+    assert stored["norm.weight"].dtype == torch.float32 and "norm.weight_scale" not in stored
+
+    model, _ = load_transformer(tmp_path, 32016, torch.device("cpu"), torch.float32, 4096)
+    for name, weight in model.state_dict().items():
+        original = state[name]
+        if original.dim() == 1:
+            assert torch.equal(weight, original)
+            continue
+        # Each shard quantizes its own rows, never coarser than the whole row: error ≤ half a step.
+        half_step = original.abs().amax(dim=1, keepdim=True) / 127 / 2
+        assert ((weight - original).abs() <= half_step * 1.0001).all(), name
+    assert isinstance(load_model(tmp_path).infill("def f(x):\n    ", "\n", max_new_tokens=4), str)
+
+
+def test_int8_weight_without_its_scales(tmp_path, codellama_tokenizer_file):
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32016, multiple_of=32)
+    write_meta(tmp_path, args, random_state(args, seed=0), int8=True)
+    shutil.copyfile(codellama_tokenizer_file, tmp_path / "tokenizer.model")
+    weights = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    del weights["output.weight_scale"]
+    torch.save(weights, tmp_path / "consolidated.00.pth")
+    with pytest.raises(ModelError, match=r"output\.weight is int8 but has no per-row output\.weight_scale"):
+        load_model(tmp_path)

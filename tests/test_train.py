@@ -36,6 +36,20 @@ def test_steps_lower_the_loss_and_export_loads(tmp_path, codellama_tokenizer_fil
     assert sum(p.stat().st_size for p in folder.iterdir()) < 40 * 2**20
 
 
+def test_int8_export_halves_the_bytes_and_loads(tmp_path, codellama_tokenizer_file):
+    cfg = TrainConfig(dim=64, layers=1, heads=2, seq_len=16, batch_size=2, steps=2, warmup_steps=1)
+    run = tmp_path / "run"
+    bf16 = train(cfg, lambda start: repeating_batches(32016, 16, 2), codellama_tokenizer_file, run,
+                 torch.device("cpu"))  # fmt: skip
+    bf16_bytes = (bf16 / "consolidated.00.pth").stat().st_size
+    # Re-running a finished run only exports it again: the way to re-export a trained model as int8.
+    int8 = train(TrainConfig(**{**cfg.__dict__, "export_int8": True}),
+                 lambda start: repeating_batches(32016, 16, 2), codellama_tokenizer_file, run,
+                 torch.device("cpu"))  # fmt: skip
+    assert (int8 / "consolidated.00.pth").stat().st_size < 0.6 * bf16_bytes
+    assert isinstance(load_model(int8).infill("def f(x):\n    ", "\n", max_new_tokens=4), str)
+
+
 def test_a_run_resumes_where_it_stopped(tmp_path, codellama_tokenizer_file):
     cfg = TrainConfig(dim=32, layers=1, heads=2, seq_len=16, batch_size=2, steps=4, warmup_steps=1,
                       log_every=1, save_every=2)  # fmt: skip
