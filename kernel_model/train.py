@@ -50,7 +50,7 @@ class TrainConfig:
     save_every: int = 200
     max_seconds: float = 0.0  # stop (and export) after this long; 0: run every step
     compile: bool = False
-    export_int8: bool = False  # store the exported matrices as int8: a model twice the size fits the same bytes
+    export_int8: bool = False  # int8 matrices: a model twice the size fits the same bytes
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -162,7 +162,9 @@ def save_state(path: Path, model: Transformer, optimizer: torch.optim.Optimizer,
     os.replace(temporary, path)  # a crash mid-save never leaves a broken state behind
 
 
-def export(model: Transformer, args: ModelArgs, tokenizer_file: Path, folder: Path, int8: bool = False) -> Path:
+def export(
+    model: Transformer, args: ModelArgs, tokenizer_file: Path, folder: Path, int8: bool = False
+) -> Path:
     """Meta's layout in bfloat16 (half the bytes; the engine upcasts to float32 on CPU), or int8 matrices."""
     dtype = torch.float32 if int8 else torch.bfloat16  # int8 rounds the float32 weights, not a bf16 rounding
     state = {name: tensor.detach().to("cpu", dtype) for name, tensor in model.state_dict().items()}
