@@ -29,6 +29,9 @@ _META_SHARD_DIM = {
     "attention_norm": None, "ffn_norm": None, "norm": None,
 }  # fmt: skip
 
+DEFAULT_CONTEXT = 16_384  # Code Llama's training length: the window of a checkpoint that records none
+MAX_CONTEXT = 100_000  # Code Llama's long-context claim; RoPE theta 1e6 was trained for it
+
 # A matrix stored as int8 (our format for small shipped models; Meta's own checkpoints are bf16) has
 # one float32 scale per row beside it, under its name plus this suffix: w = q * scale[:, None].
 INT8_SCALE_SUFFIX = "_scale"
@@ -67,7 +70,20 @@ def read_json(path: Path) -> dict:
         raise ModelError(f"cannot read {path}: {exc}") from exc
 
 
-def meta_args(params: dict, vocab_size: int, max_context: int) -> ModelArgs:
+def window(recorded: object, max_context: int | None) -> int:
+    """The context window to serve: as asked, else the length the checkpoint says it was trained at.
+
+    A model attends poorly past its training length (our CPU-trained embedded model's loss doubles
+    beyond it), so without a request the window stops there.
+    """
+    if max_context is not None:
+        return max_context
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+        return max(16, min(recorded, MAX_CONTEXT))
+    return DEFAULT_CONTEXT
+
+
+def meta_args(params: dict, vocab_size: int, max_context: int | None) -> ModelArgs:
     known = {
         "dim",
         "n_layers",
@@ -82,12 +98,14 @@ def meta_args(params: dict, vocab_size: int, max_context: int) -> ModelArgs:
     if params.get("vocab_size", -1) > 0:
         vocab_size = params["vocab_size"]
     try:
-        return ModelArgs(**kwargs, vocab_size=vocab_size, max_context=max_context)
+        # `max_seq_len` is the field Meta's own ModelArgs uses; Meta's files leave it out, ours record it.
+        context = window(params.get("max_seq_len"), max_context)
+        return ModelArgs(**kwargs, vocab_size=vocab_size, max_context=context)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"params.json does not describe a Llama model: {exc}") from exc
 
 
-def hf_args(config: dict, max_context: int) -> ModelArgs:
+def hf_args(config: dict, max_context: int | None) -> ModelArgs:
     try:
         return ModelArgs(
             dim=config["hidden_size"],
@@ -100,7 +118,7 @@ def hf_args(config: dict, max_context: int) -> ModelArgs:
             rope_theta=float(
                 config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 1e4)
             ),
-            max_context=max_context,
+            max_context=window(config.get("max_position_embeddings"), max_context),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"config.json does not describe a Llama model: missing or bad {exc}") from exc
@@ -213,7 +231,7 @@ def build_model(
 
 
 def load_transformer(
-    folder: Path, vocab_size: int, device: torch.device, dtype: torch.dtype, max_context: int
+    folder: Path, vocab_size: int, device: torch.device, dtype: torch.dtype, max_context: int | None
 ):
     """The model of a checkpoint folder, either layout; returns (model, layout)."""
     layout = detect_layout(folder)
@@ -249,7 +267,7 @@ def write_meta(
     params = {
         "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
         "vocab_size": args.vocab_size, "multiple_of": args.multiple_of, "norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
+        "rope_theta": args.rope_theta, "max_seq_len": args.max_context,
     }  # fmt: skip
     if args.ffn_dim_multiplier is not None:
         params["ffn_dim_multiplier"] = args.ffn_dim_multiplier

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_transformer
+from .checkpoint import MAX_CONTEXT, load_transformer
 from .errors import ModelError
 from .fast import MIN_BUCKET, FastDecoder, FastTransformer, describe, int8_parameters, quantize_int8
 from .generate import Decoder, Generation, ModelDecoder, PrefixCache, SamplingParams, healing_index
@@ -19,8 +19,6 @@ from .prompts import Prompt, completion_prompt, infilling_prompt
 from .tokenizer import Tokenizer
 
 EMBEDDED_PATH = Path(__file__).parent / "embedded"
-DEFAULT_CONTEXT = 16_384
-MAX_CONTEXT = 100_000  # Code Llama's long-context claim; RoPE theta 1e6 was trained for it
 CACHE_SLOTS = 4  # notebooks whose prompts keep their keys and values (least recently used out first)
 QUANTIZATIONS = ("int8",)
 
@@ -60,7 +58,7 @@ def load_model(
     path: str | Path,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
-    max_context: int = DEFAULT_CONTEXT,
+    max_context: int | None = None,
     *,
     fast: bool = True,
     quant: str | None = None,
@@ -74,8 +72,10 @@ def load_model(
     (`graphs`, default on there); `quant="int8"` stores projections as int8 with per-row scales;
     `compile` also compiles the decode step (True: inductor, or a torch.compile backend name).
     `warmup` does at load what the first keystroke would otherwise pay for (see CodeLlama.warmup).
+    `max_context` is the window in tokens; by default the length the checkpoint records having been
+    trained at (params.json `max_seq_len`, config.json `max_position_embeddings`), else 16,384.
     """
-    if not 16 <= max_context <= MAX_CONTEXT:
+    if max_context is not None and not 16 <= max_context <= MAX_CONTEXT:
         raise ModelError(f"max_context must be between 16 and {MAX_CONTEXT}, not {max_context}")
     embedded = str(path) == "embedded"
     folder = EMBEDDED_PATH if embedded else Path(path).expanduser()

@@ -289,6 +289,7 @@ def run_humaneval_infill(
         raise ValueError(f"mode must be psm or spm, not {mode!r}")
     t0 = time.monotonic()
     tasks = single_line_infilling_tasks(load_humaneval(data))
+    too_long: list[str] = []
     if limit is not None:
         tasks = tasks[:limit]
     if baseline == "pass":
@@ -305,21 +306,25 @@ def run_humaneval_infill(
     elif baseline is None:
         if not model_path:
             raise ValueError("--model is required unless --baseline is given")
-        from kernel_model import load_model  # the engine is only needed when a model is scored
+        from kernel_model import PromptTooLong, load_model  # the engine is only needed to score a model
 
         model = load_model(model_path, device=device, dtype=dtype)
         if not getattr(model, "supports_infilling", False):
             raise ValueError(f"{model_path} does not support infilling")
 
         def complete(task: InfillTask) -> str:
-            return model.infill(
-                task.prefix,
-                task.suffix,
-                max_new_tokens=max_new_tokens,
-                temperature=0.0,
-                suffix_first=(mode == "spm"),
-                stop=["\n"],
-            )
+            try:
+                return model.infill(
+                    task.prefix,
+                    task.suffix,
+                    max_new_tokens=max_new_tokens,
+                    temperature=0.0,
+                    suffix_first=(mode == "spm"),
+                    stop=["\n"],
+                )
+            except PromptTooLong:  # a small window: the task is failed, the run goes on
+                too_long.append(task.task_id)
+                return ""
 
     else:
         raise ValueError(f"unknown baseline {baseline!r}")
@@ -342,6 +347,7 @@ def run_humaneval_infill(
         "tasks": scores["tasks"],
         "pass@1": round(scores["pass@1"], 4),
         "exact_match": round(scores["exact_match"], 4),
+        "prompts_too_long": len(too_long),
         "model": model_path,
         "baseline": baseline,
         "seconds": round(time.monotonic() - t0, 1),

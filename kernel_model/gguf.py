@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoint import detect_layout, hf_args, hf_tensors, meta_args, meta_tensors, read_json
-from .codellama import DEFAULT_CONTEXT, EMBEDDED_PATH
+from .codellama import EMBEDDED_PATH
 from .errors import ModelError
 from .model import ModelArgs
 from .tokenizer import Tokenizer
@@ -55,7 +55,7 @@ def resolve_folder(model: str | Path) -> Path:
     return folder
 
 
-def checkpoint_args(folder: Path, vocab_size: int, context_length: int) -> tuple[str, ModelArgs]:
+def checkpoint_args(folder: Path, vocab_size: int, context_length: int | None) -> tuple[str, ModelArgs]:
     layout = detect_layout(folder)
     if layout == "meta":
         return layout, meta_args(read_json(folder / "params.json"), vocab_size, context_length)
@@ -104,7 +104,7 @@ def export_gguf(
     model: str | Path,
     out: str | Path,
     out_type: str = "f16",
-    context_length: int = DEFAULT_CONTEXT,
+    context_length: int | None = None,
     name: str | None = None,
 ) -> dict:
     """Write `model` as one GGUF file; returns a summary (tensors, bytes, FIM ids)."""
@@ -205,6 +205,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (Meta or HF layout), or 'embedded'")
     p.add_argument("out", type=Path, help="the .gguf file to write")
     p.add_argument("--outtype", choices=OUT_TYPES, default="f16", help="matrix precision (norms stay f32)")
-    p.add_argument("--context-length", type=int, default=DEFAULT_CONTEXT, help="context the file declares")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="context the file declares (default: the checkpoint's trained length, else 16384)")  # fmt: skip
     p.add_argument("--name", default=None, help="general.name (default: the folder's name)")
     p.set_defaults(func=_cmd_export)

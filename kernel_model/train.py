@@ -12,6 +12,7 @@ resumable `state.pt`, a JSON-lines `log.jsonl` (loss, learning rate, tokens/s) a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -144,7 +145,9 @@ def train(
         if step % cfg.save_every == 0:
             save_state(state_file, model, optimizer, step)
     save_state(state_file, model, optimizer, step)
-    return export(model, args, tokenizer_file, out / "model", int8=cfg.export_int8)
+    # The exported window is the trained length: past it a model this small stops making sense.
+    trained = dataclasses.replace(args, max_context=cfg.seq_len)
+    return export(model, trained, tokenizer_file, out / "model", int8=cfg.export_int8)
 
 
 def init_weights(model: Transformer, args: ModelArgs) -> None:

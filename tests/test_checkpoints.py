@@ -74,6 +74,22 @@ def test_corrupt_weights(tmp_path, fim_checkpoint):
         load_model(tmp_path / "ck")
 
 
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_the_window_defaults_to_the_trained_length(tmp_path, codellama_tokenizer_file, layout):
+    make_test_checkpoint(tmp_path, layout, codellama_tokenizer_file)
+    assert load_model(tmp_path).max_context == 16_384  # what the test checkpoints record
+    config = tmp_path / ("params.json" if layout == "meta" else "config.json")
+    field = "max_seq_len" if layout == "meta" else "max_position_embeddings"
+    for recorded, served in ((1024, 1024), (262_144, 100_000), (None, 16_384), ("long", 16_384)):
+        settings = json.loads(config.read_text())
+        settings.pop(field, None)
+        if recorded is not None:
+            settings[field] = recorded
+        config.write_text(json.dumps(settings))
+        assert load_model(tmp_path).max_context == served, recorded
+    assert load_model(tmp_path, max_context=4096).max_context == 4096  # asked for: extrapolate
+
+
 def test_bad_context_size(fim_checkpoint):
     with pytest.raises(ModelError, match="max_context"):
         load_model(fim_checkpoint, max_context=200_000)

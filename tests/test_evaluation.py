@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_model import evaluation
+from kernel_model import PromptTooLong, evaluation
 from kernel_model.__main__ import main as cli
 
 # Two problems in HumanEval's format; the second has a blank line inside its solution.
@@ -164,6 +164,8 @@ class StubModel:
 
     def infill(self, prefix: str, suffix: str, **kwargs) -> str:
         self.calls.append({"prefix": prefix, "suffix": suffix, **kwargs})
+        if "Even numbers" in prefix and not suffix:
+            raise PromptTooLong("the last line's prompt does not fit this stub's window")
         return self.answers.get(prefix + "|" + suffix, "    pass\n")
 
 
@@ -198,6 +200,7 @@ def test_run_with_stub_model(
     assert summary["mode"] == mode and summary["tasks"] == 6 and summary["model"] == "some/checkpoint"
     assert summary["exact_match"] == pytest.approx(3 / 6, abs=1e-3)
     assert summary["pass@1"] >= summary["exact_match"]
+    assert summary["prompts_too_long"] == 1  # scored as failed; the run goes on
     assert len(out.read_text().splitlines()) == 6
     for call in model.calls:
         assert call["temperature"] == 0.0 and call["stop"] == ["\n"]
