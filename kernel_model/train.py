@@ -7,6 +7,10 @@ a GPU. TOKENS is the file `python -m kernel_model tokenize-corpus` writes, FIM a
 90 % of documents, half PSM, half SPM (kernel_model.fim). The run folder holds a
 resumable `state.pt`, a JSON-lines `log.jsonl` (loss, learning rate, tokens/s) and, at the end,
 `model/` in Meta's layout — the same files `load_model` reads for a real Code Llama.
+
+`--budget-seconds S` fits the run to a time budget (a lent GPU's minutes): it times a few steps during
+the warm-up and sets `--steps` so the whole cosine schedule ends within S; config.json records the
+steps chosen, and a resumed run keeps them.
 """
 
 from __future__ import annotations
@@ -52,6 +56,13 @@ class TrainConfig:
     max_seconds: float = 0.0  # stop (and export) after this long; 0: run every step
     compile: bool = False
     export_int8: bool = False  # int8 matrices: a model twice the size fits the same bytes
+    budget_seconds: float = 0.0  # choose `steps` so the run ends within this, from its measured step rate
+
+
+# A budgeted run times steps after the first few (compilation, allocator warm-up) and before the
+# warm-up ends, so the cosine schedule is fixed before it starts.
+BUDGET_SKIP_STEPS = 5
+BUDGET_TIMED_STEPS = 20
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -88,6 +99,11 @@ def train(
 
     Returns the exported model folder.
     """
+    if cfg.budget_seconds and cfg.warmup_steps < BUDGET_SKIP_STEPS + BUDGET_TIMED_STEPS:
+        raise ValueError(
+            f"a budgeted run times its steps during the warm-up: use at least "
+            f"{BUDGET_SKIP_STEPS + BUDGET_TIMED_STEPS} warm-up steps"
+        )
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(tokenizer_file)
     if not tokenizer.supports_infilling:
@@ -107,6 +123,9 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+        if cfg.budget_seconds and state.get("steps"):
+            cfg = dataclasses.replace(cfg, steps=state["steps"])  # the schedule the budget fixed
+    fitting = bool(cfg.budget_seconds) and step == 0
     batches = make_batches(step)  # the data stream is a pure function of the seed: resume mid-stream
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     forward = torch.compile(model) if cfg.compile else model
@@ -131,6 +150,17 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_tokens += batch.numel()
+        if fitting and step in (BUDGET_SKIP_STEPS, BUDGET_SKIP_STEPS + BUDGET_TIMED_STEPS):
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the loop runs ahead of the GPU; time what it has done
+            if step == BUDGET_SKIP_STEPS:
+                timed_from = time.perf_counter()
+            else:
+                cfg = fit_steps(cfg, step, (time.perf_counter() - timed_from) / BUDGET_TIMED_STEPS,
+                                time.perf_counter() - started)  # fmt: skip
+                (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+                print(f"{cfg.steps} steps fit the budget of {cfg.budget_seconds:.0f} s", flush=True)
+                fitting = False
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - window_start
             record = {
@@ -143,11 +173,17 @@ def train(
             print(json.dumps(record), flush=True)
             window_tokens, window_start = 0, time.perf_counter()
         if step % cfg.save_every == 0:
-            save_state(state_file, model, optimizer, step)
-    save_state(state_file, model, optimizer, step)
+            save_state(state_file, model, optimizer, step, cfg.steps)
+    save_state(state_file, model, optimizer, step, cfg.steps)
     # The exported window is the trained length: past it a model this small stops making sense.
     trained = dataclasses.replace(args, max_context=cfg.seq_len)
     return export(model, trained, tokenizer_file, out / "model", int8=cfg.export_int8)
+
+
+def fit_steps(cfg: TrainConfig, step: int, seconds_per_step: float, elapsed: float) -> TrainConfig:
+    # 3 % held back for logging and state saves, which the timed steps did not include.
+    remaining = max(0.0, cfg.budget_seconds - elapsed) * 0.97
+    return dataclasses.replace(cfg, steps=step + int(remaining / seconds_per_step))
 
 
 def init_weights(model: Transformer, args: ModelArgs) -> None:
@@ -159,9 +195,12 @@ def init_weights(model: Transformer, args: ModelArgs) -> None:
         torch.nn.init.normal_(parameter, mean=0.0, std=std)
 
 
-def save_state(path: Path, model: Transformer, optimizer: torch.optim.Optimizer, step: int) -> None:
+def save_state(
+    path: Path, model: Transformer, optimizer: torch.optim.Optimizer, step: int, steps: int
+) -> None:
     temporary = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, temporary)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "steps": steps}
+    torch.save(state, temporary)
     os.replace(temporary, path)  # a crash mid-save never leaves a broken state behind
 
 

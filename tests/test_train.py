@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from kernel_model import load_model
@@ -68,6 +69,30 @@ def test_a_run_resumes_where_it_stopped(tmp_path, codellama_tokenizer_file):
     )
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_budgeted_run_fits_its_steps_and_keeps_them_on_resume(tmp_path, codellama_tokenizer_file):
+    cfg = TrainConfig(dim=32, layers=1, heads=2, seq_len=16, batch_size=2, steps=10**6, warmup_steps=30,
+                      budget_seconds=1.0, log_every=1, save_every=10**6)  # fmt: skip
+    run = tmp_path / "run"
+    train(
+        cfg, lambda start: repeating_batches(32016, 16, 2), codellama_tokenizer_file, run, torch.device("cpu")
+    )
+    fitted = json.loads((run / "config.json").read_text())["steps"]
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert 25 <= fitted < 10**6 and steps[-1] == fitted
+    # Run again, as after a crash: the schedule is the one fitted, so there is nothing left to do.
+    train(
+        cfg, lambda start: repeating_batches(32016, 16, 2), codellama_tokenizer_file, run, torch.device("cpu")
+    )
+    assert json.loads((run / "config.json").read_text())["steps"] == fitted
+    assert len((run / "log.jsonl").read_text().splitlines()) == len(steps)
+
+
+def test_a_budget_needs_a_warm_up_to_time_steps_in(tmp_path, codellama_tokenizer_file):
+    cfg = TrainConfig(budget_seconds=60.0, warmup_steps=10)
+    with pytest.raises(ValueError, match="at least 25 warm-up steps"):
+        train(cfg, lambda start: iter(()), codellama_tokenizer_file, tmp_path, torch.device("cpu"))
 
 
 def test_schedule_warms_up_then_decays():
