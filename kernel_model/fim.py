@@ -271,7 +271,11 @@ def _cmd_tokenize_corpus(args: argparse.Namespace) -> int:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register `tokenize-corpus` on the engine's top-level subparsers (handler in `func`)."""
     p = subparsers.add_parser("tokenize-corpus", help="FIM-transform and tokenize a corpus for training")
-    p.add_argument("corpus", type=Path, help="corpus directory written by `python -m kernel_model.corpus`")
+    p.add_argument(
+        "corpus",
+        type=Path,
+        help="corpus directory written by `python -m kernel_model.corpus`, or one of its shards",
+    )
     p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer .model with FIM pieces")
     p.add_argument("--out", type=Path, required=True, help="token file to write (plus OUT.json)")
     p.add_argument("--seed", type=int, default=0)

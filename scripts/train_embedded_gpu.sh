@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Trains, scores and packs the embedded model on one lent GPU in a single call of about 9 minutes.
+#
+#   bash scripts/train_embedded_gpu.sh CORPUS.txt.xz HUMANEVAL.jsonl.gz OUT
+#
+# CORPUS is the large corpus's shard compressed with xz (README, "The embedded model"); the GPU
+# machine cannot reach the registry, so the corpus and HumanEval's problems travel as files. OUT
+# receives the training log and config, both modes' eval JSON, and the model as a tar in pieces
+# (the device returns files of at most 16 MiB): `cat OUT/model.tar.part-* | tar -xf - -C DIR`.
+#
+# Knobs, from the environment: BUDGET_SECONDS (training, compilation included; 300), EPOCHS (FIM
+# passes tokenized; 6), DIM / LAYERS / HEADS (384 / 8 / 6: 20 M parameters, 21 MB as int8, about
+# 150 tokens/s greedy on one CPU core), SEQ_LEN (1024, the window the model will serve), BATCH (32),
+# LR (2e-3), EVAL_LIMIT (all 1,033 tasks).
+set -euo pipefail
+
+if [ $# -ne 3 ]; then
+    echo "usage: $0 CORPUS.txt.xz HUMANEVAL.jsonl.gz OUT" >&2
+    exit 2
+fi
+corpus=$1 humaneval=$2 out=$3
+work=${WORK:-$(mktemp -d)}
+tokenizer=kernel_model/embedded/tokenizer.model
+mkdir -p "$out" "$work"
+export PYTHONUNBUFFERED=1
+
+python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$corpus" "$work/corpus.txt"
+python3 -m kernel_model tokenize-corpus "$work/corpus.txt" --tokenizer "$tokenizer" \
+    --out "$work/tokens.bin" --epochs "${EPOCHS:-6}"
+lr=${LR:-2e-3}
+python3 -m kernel_model.train --tokens "$work/tokens.bin" --tokenizer "$tokenizer" --out "$work/run" \
+    --dim "${DIM:-384}" --layers "${LAYERS:-8}" --heads "${HEADS:-6}" --seq-len "${SEQ_LEN:-1024}" \
+    --batch-size "${BATCH:-32}" --learning-rate "$lr" --min-learning-rate "$(python3 -c "print($lr / 10)")" \
+    --warmup-steps 200 --budget-seconds "${BUDGET_SECONDS:-300}" --log-every 50 --save-every 1000000 \
+    --export-int8 $([ "$(python3 -c 'import torch; print(torch.cuda.is_available())')" = True ] && echo --compile)
+cp "$work/run/log.jsonl" "$work/run/config.json" "$out/"
+
+limit=()
+[ -n "${EVAL_LIMIT:-}" ] && limit=(--limit "$EVAL_LIMIT")
+for mode in spm psm; do
+    python3 -m kernel_model eval humaneval-infill --model "$work/run/model" --mode "$mode" \
+        --data "$humaneval" --max-new-tokens 48 "${limit[@]}" | tee "$out/eval-$mode.json"
+done
+tar -C "$work/run/model" -cf - . | split -b 15m - "$out/model.tar.part-"
+ls -l "$out"
