@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs BENCHMARKS.md's GPU measurements in one call of a lent GPU, most important first.
+#
+#   bash scripts/bench_gpu.sh OUT [STEP ...]
+#
+# Each step is its own `python -m kernel_model bench` process under its own time limit, writing
+# OUT/STEP.json (the figures) and OUT/STEP.log (progress), so a step that runs long loses only
+# itself. Steps (default: all, in this order; each limit includes building 7B random weights and
+# compiling):
+#   compiled  --compile: decode, prefill 1k/4k/16k, first token after an edit      (limit 260 s)
+#   int8      --compile --quant int8: decode against the bf16 figures above         (limit 170 s)
+#   long      a 100,000-token prompt on the server's default path                   (limit 90 s)
+#   hf        --compile --compare-hf at 4k: transformers' static cache and eager    (limit 300 s)
+# LIMIT_SCALE (1.0) multiplies every limit; SHAPE (7b) picks another shape (tiny: a CPU smoke test).
+set -uo pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: $0 OUT [compiled|int8|long|hf ...]" >&2
+    exit 2
+fi
+out=$1
+shift
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(compiled int8 long hf)
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+step() {
+    local name=$1 limit=$2
+    shift 2
+    limit=$(python3 -c "print(int($limit * ${LIMIT_SCALE:-1.0}))")
+    local started=$SECONDS
+    timeout --kill-after=10 "$limit" python3 -m kernel_model bench --shape "${SHAPE:-7b}" "$@" \
+        >"$out/$name.json" 2>"$out/$name.log"
+    echo "$name: exit $? after $((SECONDS - started)) s (limit $limit s)"
+}
+
+for name in "${steps[@]}"; do
+    case $name in
+        compiled) step compiled 260 --compile --prompt-tokens 1024,4096,16384 --repeats 3 ;;
+        int8) step int8 170 --compile --quant int8 --prompt-tokens 4096 --repeats 3 ;;
+        long) step long 90 --prompt-tokens 100000 --new-tokens 16 --repeats 1 ;;
+        hf) step hf 300 --compile --compare-hf --prompt-tokens 4096 --repeats 2 ;;
+        *) echo "unknown step $name" >&2 ;;
+    esac
+done
