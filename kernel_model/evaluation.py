@@ -19,6 +19,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from .errors import PromptTooLong
+
+TOO_LONG = "prompt_too_long"  # a row's status when the task's prompt does not fit the model's window
+
 # Runs inside the sandbox child before the candidate program. It narrows what the candidate can do by
 # accident (delete files, spawn processes, write outside its directory, exit early looking like a pass);
 # it is not a security boundary against code written to escape (see `run_sandboxed`).
@@ -240,13 +244,19 @@ def score_tasks(
     workers = workers or max(1, os.cpu_count() or 1)
     rows: list[dict] = []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = []
+        futures: list[tuple[InfillTask, str, concurrent.futures.Future | SandboxResult]] = []
         for task in tasks:
-            line = first_line(complete(task))
+            try:
+                line = first_line(complete(task))
+            except PromptTooLong:  # a window smaller than the task: failed without running anything
+                futures.append(
+                    (task, "", SandboxResult(TOO_LONG, "the prompt does not fit the model's window"))
+                )
+                continue
             future = pool.submit(run_sandboxed, task.program(line + "\n"), timeout)
             futures.append((task, line, future))
         for task, line, future in futures:
-            result = future.result()
+            result = future if isinstance(future, SandboxResult) else future.result()
             row = {
                 "task_id": task.task_id,
                 "completion": line,
@@ -263,6 +273,7 @@ def score_tasks(
         "tasks": n,
         "pass@1": sum(r["passed"] for r in rows) / n if n else 0.0,
         "exact_match": sum(r["exact_match"] for r in rows) / n if n else 0.0,
+        "prompts_too_long": sum(r["status"] == TOO_LONG for r in rows),
         "rows": rows,
     }
 
@@ -289,7 +300,6 @@ def run_humaneval_infill(
         raise ValueError(f"mode must be psm or spm, not {mode!r}")
     t0 = time.monotonic()
     tasks = single_line_infilling_tasks(load_humaneval(data))
-    too_long: list[str] = []
     if limit is not None:
         tasks = tasks[:limit]
     if baseline == "pass":
@@ -306,25 +316,21 @@ def run_humaneval_infill(
     elif baseline is None:
         if not model_path:
             raise ValueError("--model is required unless --baseline is given")
-        from kernel_model import PromptTooLong, load_model  # the engine is only needed to score a model
+        from kernel_model import load_model  # the engine is only needed when a model is scored
 
         model = load_model(model_path, device=device, dtype=dtype)
         if not getattr(model, "supports_infilling", False):
             raise ValueError(f"{model_path} does not support infilling")
 
         def complete(task: InfillTask) -> str:
-            try:
-                return model.infill(
-                    task.prefix,
-                    task.suffix,
-                    max_new_tokens=max_new_tokens,
-                    temperature=0.0,
-                    suffix_first=(mode == "spm"),
-                    stop=["\n"],
-                )
-            except PromptTooLong:  # a small window: the task is failed, the run goes on
-                too_long.append(task.task_id)
-                return ""
+            return model.infill(
+                task.prefix,
+                task.suffix,
+                max_new_tokens=max_new_tokens,
+                temperature=0.0,
+                suffix_first=(mode == "spm"),
+                stop=["\n"],
+            )
 
     else:
         raise ValueError(f"unknown baseline {baseline!r}")
@@ -347,7 +353,7 @@ def run_humaneval_infill(
         "tasks": scores["tasks"],
         "pass@1": round(scores["pass@1"], 4),
         "exact_match": round(scores["exact_match"], 4),
-        "prompts_too_long": len(too_long),
+        "prompts_too_long": scores["prompts_too_long"],
         "model": model_path,
         "baseline": baseline,
         "seconds": round(time.monotonic() - t0, 1),

@@ -9,8 +9,8 @@ resumable `state.pt`, a JSON-lines `log.jsonl` (loss, learning rate, tokens/s) a
 `model/` in Meta's layout — the same files `load_model` reads for a real Code Llama.
 
 `--budget-seconds S` fits the run to a time budget (a lent GPU's minutes): it times a few steps during
-the warm-up and sets `--steps` so the whole cosine schedule ends within S; config.json records the
-steps chosen, and a resumed run keeps them.
+the warm-up and sets `--steps` so the whole cosine schedule ends within S, which also stops the run;
+config.json records the steps chosen, and a resumed run keeps them.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ class TrainConfig:
 
 # A budgeted run times steps after the first few (compilation, allocator warm-up) and before the
 # warm-up ends, so the cosine schedule is fixed before it starts.
-BUDGET_SKIP_STEPS = 5
-BUDGET_TIMED_STEPS = 20
+BUDGET_SKIP_STEPS = 10
+BUDGET_TIMED_STEPS = 50
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -117,6 +117,7 @@ def train(
     init_weights(model, args)
     optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
     step = 0
+    fitted = False
     state_file = out / "state.pt"
     if state_file.exists():
         state = torch.load(state_file, map_location=device, weights_only=False)
@@ -125,7 +126,10 @@ def train(
         step = state["step"]
         if cfg.budget_seconds and state.get("steps"):
             cfg = dataclasses.replace(cfg, steps=state["steps"])  # the schedule the budget fixed
-    fitting = bool(cfg.budget_seconds) and step == 0
+            fitted = True
+    fitting, fit_from = bool(cfg.budget_seconds) and not fitted, step
+    # The budget is also a hard stop: step times can drift after they were measured.
+    stop_after = cfg.max_seconds or cfg.budget_seconds
     batches = make_batches(step)  # the data stream is a pure function of the seed: resume mid-stream
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     forward = torch.compile(model) if cfg.compile else model
@@ -137,7 +141,7 @@ def train(
     started = time.perf_counter()
     window_tokens, window_start = 0, time.perf_counter()
     while step < cfg.steps:
-        if cfg.max_seconds and time.perf_counter() - started > cfg.max_seconds:
+        if stop_after and time.perf_counter() - started > stop_after:
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
@@ -150,16 +154,19 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_tokens += batch.numel()
-        if fitting and step in (BUDGET_SKIP_STEPS, BUDGET_SKIP_STEPS + BUDGET_TIMED_STEPS):
+        if fitting and step - fit_from in (BUDGET_SKIP_STEPS, BUDGET_SKIP_STEPS + BUDGET_TIMED_STEPS):
             if device.type == "cuda":
-                torch.cuda.synchronize()  # the loop runs ahead of the GPU; time what it has done
-            if step == BUDGET_SKIP_STEPS:
+                torch.cuda.synchronize(device)  # the loop runs ahead of the GPU; time what it has done
+            if step - fit_from == BUDGET_SKIP_STEPS:
                 timed_from = time.perf_counter()
             else:
                 cfg = fit_steps(cfg, step, (time.perf_counter() - timed_from) / BUDGET_TIMED_STEPS,
                                 time.perf_counter() - started)  # fmt: skip
                 (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
                 print(f"{cfg.steps} steps fit the budget of {cfg.budget_seconds:.0f} s", flush=True)
+                if cfg.steps < 2 * cfg.warmup_steps:
+                    print(f"warning: the budget leaves little or no decay after {cfg.warmup_steps} "
+                          "warm-up steps; give it more time or fewer warm-up steps", flush=True)  # fmt: skip
                 fitting = False
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - window_start
@@ -173,8 +180,8 @@ def train(
             print(json.dumps(record), flush=True)
             window_tokens, window_start = 0, time.perf_counter()
         if step % cfg.save_every == 0:
-            save_state(state_file, model, optimizer, step, cfg.steps)
-    save_state(state_file, model, optimizer, step, cfg.steps)
+            save_state(state_file, model, optimizer, step, None if fitting else cfg.steps)
+    save_state(state_file, model, optimizer, step, None if fitting else cfg.steps)
     # The exported window is the trained length: past it a model this small stops making sense.
     trained = dataclasses.replace(args, max_context=cfg.seq_len)
     return export(model, trained, tokenizer_file, out / "model", int8=cfg.export_int8)
@@ -196,8 +203,9 @@ def init_weights(model: Transformer, args: ModelArgs) -> None:
 
 
 def save_state(
-    path: Path, model: Transformer, optimizer: torch.optim.Optimizer, step: int, steps: int
+    path: Path, model: Transformer, optimizer: torch.optim.Optimizer, step: int, steps: int | None
 ) -> None:
+    """`steps`: the schedule's length, or None while a budgeted run has not fitted it yet."""
     temporary = path.with_suffix(".tmp")
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "steps": steps}
     torch.save(state, temporary)

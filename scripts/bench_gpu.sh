@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Runs BENCHMARKS.md's GPU measurements in one call of a lent GPU, most important first.
+# Runs BENCHMARKS.md's GPU measurements on a lent GPU, most important first.
 #
 #   bash scripts/bench_gpu.sh OUT [STEP ...]
 #
 # Each step is its own `python -m kernel_model bench` process under its own time limit, writing
 # OUT/STEP.json (the figures) and OUT/STEP.log (progress), so a step that runs long loses only
-# itself. Steps (default: all, in this order; each limit includes building 7B random weights and
-# compiling):
+# itself. Steps (default: compiled int8 long, 520 s of limits, which fit one 10-minute call; hf
+# takes a second call; each limit includes building 7B random weights and compiling):
 #   compiled  --compile: decode, prefill 1k/4k/16k, first token after an edit      (limit 260 s)
 #   int8      --compile --quant int8: decode against the bf16 figures above         (limit 170 s)
 #   long      a 100,000-token prompt on the server's default path                   (limit 90 s)
@@ -18,11 +18,18 @@ if [ $# -lt 1 ]; then
     echo "usage: $0 OUT [compiled|int8|long|hf ...]" >&2
     exit 2
 fi
-out=$1
+mkdir -p "$1"
+out=$(realpath "$1")
 shift
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(compiled int8 long hf)
-mkdir -p "$out"
+[ ${#steps[@]} -eq 0 ] && steps=(compiled int8 long)
+for name in "${steps[@]}"; do
+    case $name in
+        compiled | int8 | long | hf) ;;
+        *) echo "unknown step $name (compiled, int8, long, hf)" >&2 && exit 2 ;;
+    esac
+done
+cd "$(dirname "$0")/.."  # the checkout: python -m kernel_model runs from here
 export PYTHONUNBUFFERED=1
 
 step() {
@@ -41,6 +48,5 @@ for name in "${steps[@]}"; do
         int8) step int8 170 --compile --quant int8 --prompt-tokens 4096 --repeats 3 ;;
         long) step long 90 --prompt-tokens 100000 --new-tokens 16 --repeats 1 ;;
         hf) step hf 300 --compile --compare-hf --prompt-tokens 4096 --repeats 2 ;;
-        *) echo "unknown step $name" >&2 ;;
     esac
 done

@@ -11,17 +11,19 @@
 # Knobs, from the environment: BUDGET_SECONDS (training, compilation included; 300), EPOCHS (FIM
 # passes tokenized; 6), DIM / LAYERS / HEADS (384 / 8 / 6: 20 M parameters, 21 MB as int8, about
 # 150 tokens/s greedy on one CPU core), SEQ_LEN (1024, the window the model will serve), BATCH (32),
-# LR (2e-3), EVAL_LIMIT (all 1,033 tasks).
+# LR (2e-3), EVAL_LIMIT (all 1,033 tasks), EVAL_SECONDS (the limit of each mode's eval; 150).
 set -euo pipefail
 
 if [ $# -ne 3 ]; then
     echo "usage: $0 CORPUS.txt.xz HUMANEVAL.jsonl.gz OUT" >&2
     exit 2
 fi
-corpus=$1 humaneval=$2 out=$3
+mkdir -p "$3"
+corpus=$(realpath "$1") humaneval=$(realpath "$2") out=$(realpath "$3")
 work=${WORK:-$(mktemp -d)}
+mkdir -p "$work"
+cd "$(dirname "$0")/.."  # the checkout: python -m kernel_model runs from here
 tokenizer=kernel_model/embedded/tokenizer.model
-mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1
 
 python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
@@ -33,14 +35,17 @@ python3 -m kernel_model.train --tokens "$work/tokens.bin" --tokenizer "$tokenize
     --dim "${DIM:-384}" --layers "${LAYERS:-8}" --heads "${HEADS:-6}" --seq-len "${SEQ_LEN:-1024}" \
     --batch-size "${BATCH:-32}" --learning-rate "$lr" --min-learning-rate "$(python3 -c "print($lr / 10)")" \
     --warmup-steps 200 --budget-seconds "${BUDGET_SECONDS:-300}" --log-every 50 --save-every 1000000 \
-    --export-int8 $([ "$(python3 -c 'import torch; print(torch.cuda.is_available())')" = True ] && echo --compile)
+    --export-int8 $([ "$(python3 -c 'import torch; print(torch.cuda.is_available())')" = True ] && echo --compile) \
+    2>&1 | tee "$out/train.log"
+# The model comes back first: the evals after it may outrun the call's time.
 cp "$work/run/log.jsonl" "$work/run/config.json" "$out/"
+tar -C "$work/run/model" -cf - . | split -b 15m - "$out/model.tar.part-"
 
 limit=()
 [ -n "${EVAL_LIMIT:-}" ] && limit=(--limit "$EVAL_LIMIT")
-for mode in spm psm; do
-    python3 -m kernel_model eval humaneval-infill --model "$work/run/model" --mode "$mode" \
-        --data "$humaneval" --max-new-tokens 48 "${limit[@]}" | tee "$out/eval-$mode.json"
+for mode in spm psm; do  # in float32, as the model is served on a CPU
+    timeout "${EVAL_SECONDS:-150}" python3 -m kernel_model eval humaneval-infill --model "$work/run/model" \
+        --mode "$mode" --dtype float32 --data "$humaneval" --max-new-tokens 48 "${limit[@]}" \
+        | tee "$out/eval-$mode.json" || echo "eval $mode: exit $?"
 done
-tar -C "$work/run/model" -cf - . | split -b 15m - "$out/model.tar.part-"
 ls -l "$out"

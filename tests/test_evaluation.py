@@ -200,8 +200,11 @@ def test_run_with_stub_model(
     assert summary["mode"] == mode and summary["tasks"] == 6 and summary["model"] == "some/checkpoint"
     assert summary["exact_match"] == pytest.approx(3 / 6, abs=1e-3)
     assert summary["pass@1"] >= summary["exact_match"]
-    assert summary["prompts_too_long"] == 1  # scored as failed; the run goes on
-    assert len(out.read_text().splitlines()) == 6
+    assert summary["prompts_too_long"] == 1  # failed without running it; the run goes on
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6
+    too_long = [row for row in rows if row["status"] == "prompt_too_long"]
+    assert [row["task_id"] for row in too_long] == ["Fixture/1/L5"] and not too_long[0]["passed"]
     for call in model.calls:
         assert call["temperature"] == 0.0 and call["stop"] == ["\n"]
         assert call["suffix_first"] is (mode == "spm")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kernel_model import load_model
-from kernel_model.train import TrainConfig, learning_rate, train
+from kernel_model import train as train_module
+from kernel_model.train import TrainConfig, fit_steps, learning_rate, train
 
 
 def repeating_batches(vocab: int, seq_len: int, batch: int):
@@ -71,27 +72,39 @@ def test_a_run_resumes_where_it_stopped(tmp_path, codellama_tokenizer_file):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_budgeted_run_fits_its_steps_and_keeps_them_on_resume(tmp_path, codellama_tokenizer_file):
-    cfg = TrainConfig(dim=32, layers=1, heads=2, seq_len=16, batch_size=2, steps=10**6, warmup_steps=30,
-                      budget_seconds=1.0, log_every=1, save_every=10**6)  # fmt: skip
+def test_a_budgeted_run_fits_its_steps_and_resumes_them(tmp_path, codellama_tokenizer_file, monkeypatch):
+    monkeypatch.setattr(train_module, "BUDGET_SKIP_STEPS", 2)  # fit early: the test need not wait for it
+    monkeypatch.setattr(train_module, "BUDGET_TIMED_STEPS", 5)
+    cfg = TrainConfig(dim=32, layers=1, heads=2, seq_len=16, batch_size=2, steps=10**6, warmup_steps=10,
+                      budget_seconds=2.0, log_every=1, save_every=5)  # fmt: skip
     run = tmp_path / "run"
-    train(
-        cfg, lambda start: repeating_batches(32016, 16, 2), codellama_tokenizer_file, run, torch.device("cpu")
-    )
+
+    def batches(start):
+        return repeating_batches(32016, 16, 2)
+
+    # Stopped early, as by a crash, after its fit at step 7.
+    train(TrainConfig(**{**cfg.__dict__, "max_seconds": 0.5}), batches, codellama_tokenizer_file, run,
+          torch.device("cpu"))  # fmt: skip
     fitted = json.loads((run / "config.json").read_text())["steps"]
+    stopped = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert 7 <= stopped[-1] < fitted < 10**6
+    # Run again: it resumes where it stopped and ends where the fitted schedule ends.
+    train(cfg, batches, codellama_tokenizer_file, run, torch.device("cpu"))
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
-    assert 25 <= fitted < 10**6 and steps[-1] == fitted
-    # Run again, as after a crash: the schedule is the one fitted, so there is nothing left to do.
-    train(
-        cfg, lambda start: repeating_batches(32016, 16, 2), codellama_tokenizer_file, run, torch.device("cpu")
-    )
     assert json.loads((run / "config.json").read_text())["steps"] == fitted
-    assert len((run / "log.jsonl").read_text().splitlines()) == len(steps)
+    assert steps[-1] == fitted and sorted(set(steps)) == list(range(1, fitted + 1))
+
+
+def test_fitted_steps_fill_the_time_left():
+    cfg = TrainConfig(budget_seconds=100.0, steps=5)
+    # 10 s spent, 90 s left, 3 % held back: 87.3 s of 0.1 s steps after the 60 already run.
+    assert fit_steps(cfg, 60, seconds_per_step=0.1, elapsed=10.0).steps in (60 + 872, 60 + 873)  # rounding
+    assert fit_steps(cfg, 60, seconds_per_step=0.1, elapsed=120.0).steps == 60  # over budget: stop now
 
 
 def test_a_budget_needs_a_warm_up_to_time_steps_in(tmp_path, codellama_tokenizer_file):
     cfg = TrainConfig(budget_seconds=60.0, warmup_steps=10)
-    with pytest.raises(ValueError, match="at least 25 warm-up steps"):
+    with pytest.raises(ValueError, match="at least 60 warm-up steps"):
         train(cfg, lambda start: iter(()), codellama_tokenizer_file, tmp_path, torch.device("cpu"))
 
 
