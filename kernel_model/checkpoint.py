@@ -230,16 +230,25 @@ def build_model(
     return model.eval()
 
 
+def read_args(folder: Path, vocab_size: int, max_context: int | None) -> tuple[str, ModelArgs]:
+    """A checkpoint folder's layout and shape, either layout."""
+    layout = detect_layout(folder)
+    if layout == "meta":
+        return layout, meta_args(read_json(folder / "params.json"), vocab_size, max_context)
+    return layout, hf_args(read_json(folder / "config.json"), max_context)
+
+
+def read_tensors(folder: Path, layout: str, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every weight under Meta's names, one at a time, memory-mapped."""
+    return meta_tensors(folder) if layout == "meta" else hf_tensors(folder, args)
+
+
 def load_transformer(
     folder: Path, vocab_size: int, device: torch.device, dtype: torch.dtype, max_context: int | None
 ):
     """The model of a checkpoint folder, either layout; returns (model, layout)."""
-    layout = detect_layout(folder)
-    if layout == "meta":
-        args = meta_args(read_json(folder / "params.json"), vocab_size, max_context)
-        return build_model(args, meta_tensors(folder), device, dtype), layout
-    args = hf_args(read_json(folder / "config.json"), max_context)
-    return build_model(args, hf_tensors(folder, args), device, dtype), layout
+    layout, args = read_args(folder, vocab_size, max_context)
+    return build_model(args, read_tensors(folder, layout, args), device, dtype), layout
 
 
 # ---------------------------------------------------------------------------------------------

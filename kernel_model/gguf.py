@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import detect_layout, hf_args, hf_tensors, meta_args, meta_tensors, read_json
+from .checkpoint import read_args, read_tensors
 from .codellama import EMBEDDED_PATH
 from .errors import ModelError
 from .model import ModelArgs
@@ -55,16 +55,9 @@ def resolve_folder(model: str | Path) -> Path:
     return folder
 
 
-def checkpoint_args(folder: Path, vocab_size: int, context_length: int | None) -> tuple[str, ModelArgs]:
-    layout = detect_layout(folder)
-    if layout == "meta":
-        return layout, meta_args(read_json(folder / "params.json"), vocab_size, context_length)
-    return layout, hf_args(read_json(folder / "config.json"), context_length)
-
-
 def weights(folder: Path, layout: str, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
     """Every weight in Meta's layout (HF q/k rows un-permuted), one at a time, memory-mapped."""
-    tensors = meta_tensors(folder) if layout == "meta" else hf_tensors(folder, args)
+    tensors = read_tensors(folder, layout, args)
     seen_output = False
     embedding = None
     for name, tensor in tensors:
@@ -114,7 +107,7 @@ def export_gguf(
         raise ModelError(f"out type must be one of {', '.join(OUT_TYPES)}, not {out_type!r}")
     folder = resolve_folder(model)
     tokenizer = Tokenizer(folder / "tokenizer.model")
-    layout, args = checkpoint_args(folder, tokenizer.vocab_size, context_length)
+    layout, args = read_args(folder, tokenizer.vocab_size, context_length)
     if tokenizer.vocab_size > args.vocab_size:
         raise ModelError(
             f"the tokenizer has {tokenizer.vocab_size} pieces but the model embeds only {args.vocab_size}"

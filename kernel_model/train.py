@@ -117,7 +117,7 @@ def train(
     init_weights(model, args)
     optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
     step = 0
-    fitted = False
+    fitting = bool(cfg.budget_seconds)  # until the step count is fitted to the budget
     state_file = out / "state.pt"
     if state_file.exists():
         state = torch.load(state_file, map_location=device, weights_only=False)
@@ -126,8 +126,8 @@ def train(
         step = state["step"]
         if cfg.budget_seconds and state.get("steps"):
             cfg = dataclasses.replace(cfg, steps=state["steps"])  # the schedule the budget fixed
-            fitted = True
-    fitting, fit_from = bool(cfg.budget_seconds) and not fitted, step
+            fitting = False
+    fit_from = step
     # The budget is also a hard stop: step times can drift after they were measured.
     stop_after = cfg.max_seconds or cfg.budget_seconds
     batches = make_batches(step)  # the data stream is a pure function of the seed: resume mid-stream
