@@ -13,6 +13,12 @@ Line breaks come out as "\n" whatever the model wrote ("\r\n", a lone "\r"): a c
 "\n", and a "\r" the editor does not break on would make one line of several, for the eye, for
 "accept next line" and for Python.
 
+In "block" mode the ghost text also stays whole: after the first line (which streams as it comes),
+a statement is shown only once it is complete (brackets and strings closed, a block header with the
+first line of its body); a statement that repeats the one before it word for word (a small model's
+loop: `self.y = y` eight times) ends the block; and a completion cut off by the token limit or the
+deadline (`truncated`) loses the statement it was in the middle of rather than show half a line.
+
 In every mode, text that only repeats what already follows the cursor is dropped: the completion
 stops before a line equal to the first non-blank line of the suffix, and a tail that equals the
 start of the suffix (a closing bracket the editor already inserted, the rest of the line) is cut.
@@ -66,12 +72,15 @@ def resolve_mode(mode: str, prefix: str) -> Mode:
     return "block" if not line.strip() or _BLOCK_HEADER.match(line) else "line"
 
 
-def trim_completion(text: str, *, mode: str, prefix: str, suffix: str) -> str:
-    """The part of a finished completion to show at the cursor between prefix and suffix."""
+def trim_completion(text: str, *, mode: str, prefix: str, suffix: str, truncated: bool = False) -> str:
+    """The part of a finished completion to show at the cursor between prefix and suffix.
+
+    `truncated`: the model did not end the text itself (it hit the token limit or the deadline).
+    """
     resolved = resolve_mode(mode, prefix)
     cutter = _Cutter(resolved, prefix, suffix)
     text = normalize_line_breaks(text)
-    cutter.advance(text, final=True)
+    cutter.advance(text, final=True, truncated=truncated)
     return _finalize(text[: cutter.cut], resolved, suffix)
 
 
@@ -116,12 +125,12 @@ class StreamTrimmer:
         """The mode's stop point was reached: the caller stops generating."""
         return self._cutter.cut is not None
 
-    def finish(self) -> str:
-        """Rest to emit at the end."""
+    def finish(self, truncated: bool = False) -> str:
+        """Rest to emit at the end; `truncated` as for `trim_completion`."""
         if self._finished:
             return ""
         self._finished = True
-        self._cutter.advance(self._text, final=True)
+        self._cutter.advance(self._text, final=True, truncated=truncated)
         result = _finalize(self._text[: self._cutter.cut], self._mode, self._suffix)
         return result[self._sent :]
 
@@ -213,34 +222,50 @@ class _Cutter:
         self._quote: str | None = None  # the string open at the start of the current line
         self._line_start = 0
         self._line_no = 0
+        # Block mode shows whole statements after the first line: where the last one ended, and the
+        # last line that started a statement (the one a repeat would copy).
+        self._statement_end = 0
+        self._last_statement: str | None = None
         self.cut: int | None = None
         self.safe = 0
 
-    def advance(self, text: str, *, final: bool) -> None:
+    def advance(self, text: str, *, final: bool, truncated: bool = False) -> None:
         while self.cut is None:
             newline = text.find("\n", self._line_start)
             line_end = newline if newline != -1 else len(text)
             complete = newline != -1 or final
             line = text[self._line_start : line_end]
+            if final and truncated and newline == -1 and self._holds_statements():
+                self.cut = self._statement_end  # the statement the limit cut off is not shown
+                break
             verdict = self._judge(line, complete)
             if verdict == _CUT_BEFORE:
                 self.cut = self._line_start
             elif verdict == _CUT_AFTER:
                 self.cut = line_end
             elif verdict == _WAIT:
-                self.safe = self._line_start
+                self.safe = self._statement_end if self._holds_statements() else self._line_start
                 return
             elif not complete:
-                self.safe = len(text)
+                self.safe = self._statement_end if self._holds_statements() else len(text)
                 return
             elif self._mode == "line" or newline == -1:
                 self.cut = line_end
             else:
                 self._commit(line)
+                full = self._full(line)
                 self._depth, self._quote = _scan(line + "\n", self._depth, self._quote)
                 self._line_start = newline + 1
                 self._line_no += 1
+                # A block header ("if x:") waits for its body: cut off alone, it would not parse.
+                statement_closed = not self._depth and self._quote is None and not _BLOCK_HEADER.match(full)
+                if self._mode == "block" and (self._line_no == 1 or statement_closed):
+                    self._statement_end = self._line_start
         self.safe = self.cut
+
+    def _holds_statements(self) -> bool:
+        """Past the first line, block mode keeps back a statement until it is complete."""
+        return self._mode == "block" and self._line_no > 0
 
     def _full(self, line: str) -> str:
         return self._head + line if self._line_no == 0 else line
@@ -269,6 +294,8 @@ class _Cutter:
                 return _CUT_BEFORE if full.rstrip() == self._target else _CUT_AFTER
             if self._start == 0 and indent == 0 and self._saw_blank:
                 return _CUT_BEFORE
+        if self._mode == "block" and complete and full.rstrip() == self._last_statement:
+            return _CUT_BEFORE  # the same statement twice in a row: the model is looping
         if self._target is None:
             return _KEEP
         if complete:
@@ -290,6 +317,7 @@ class _Cutter:
         if self._start is None:
             self._start = _indent_width(full)
         self._saw_blank = False
+        self._last_statement = full.rstrip()
 
 
 def _strip_trailing(text: str) -> str:

@@ -11,14 +11,16 @@ from hypothesis import strategies as st
 from jupyter_codellama.postprocess import StreamTrimmer, resolve_mode, trim_completion
 
 
-def trim(text: str, mode: str = "auto", prefix: str = "", suffix: str = "") -> str:
-    return trim_completion(text, mode=mode, prefix=prefix, suffix=suffix)
+def trim(text: str, mode: str = "auto", prefix: str = "", suffix: str = "", truncated: bool = False) -> str:
+    return trim_completion(text, mode=mode, prefix=prefix, suffix=suffix, truncated=truncated)
 
 
-def stream(deltas: list[str], mode: str = "auto", prefix: str = "", suffix: str = "") -> list[str]:
+def stream(
+    deltas: list[str], mode: str = "auto", prefix: str = "", suffix: str = "", truncated: bool = False
+) -> list[str]:
     """What a StreamTrimmer emits for the deltas: one entry per push, the finish() last."""
     trimmer = StreamTrimmer(mode=mode, prefix=prefix, suffix=suffix)
-    return [trimmer.push(delta) for delta in deltas] + [trimmer.finish()]
+    return [trimmer.push(delta) for delta in deltas] + [trimmer.finish(truncated=truncated)]
 
 
 # --- modes ------------------------------------------------------------------------------------
@@ -102,6 +104,59 @@ def test_block_mode_takes_its_indentation_from_the_first_non_blank_line() -> Non
 def test_none_mode_keeps_everything_but_repeats_and_trailing_whitespace() -> None:
     text = "y = 1\n\nprint(y)  \n\n\n"
     assert trim(text, mode="none", prefix="x = 0\n") == "y = 1\n\nprint(y)"
+
+
+# --- whole statements in block mode ------------------------------------------------------------
+
+
+def test_a_completion_cut_off_by_the_limit_loses_its_unfinished_line() -> None:
+    text = 'if n < 2:\n        return n\n    raise ValueError("n'
+    prefix = "def fib(n):\n    "
+    assert trim(text, prefix=prefix, truncated=True) == "if n < 2:\n        return n"
+    assert trim(text, prefix=prefix) == text  # the model ended it there itself: all of it is the answer
+    assert "".join(stream(list(text), prefix=prefix, truncated=True)) == "if n < 2:\n        return n"
+
+
+def test_a_cut_off_statement_is_dropped_whole_even_across_lines() -> None:
+    text = "x = 1\n    config = {\n        'a': 1,\n        'b':"
+    assert trim(text, prefix="def f():\n    ", truncated=True) == "x = 1"
+
+
+def test_a_block_header_cut_off_before_its_body_is_dropped() -> None:
+    text = "total = 0\n    for x in xs:\n"
+    assert trim(text, prefix="def f(xs):\n    ", truncated=True) == "total = 0"
+    text = "total = 0\n    for x in xs:\n        total += x\n        if total >"
+    assert (
+        trim(text, prefix="def f(xs):\n    ", truncated=True)
+        == "total = 0\n    for x in xs:\n        total += x"
+    )
+
+
+def test_the_first_line_streams_as_it_comes_and_stays_when_cut_off() -> None:
+    assert stream(["if n", " < 2"], prefix="def f(n):\n    ", truncated=True) == ["if n", " < 2", ""]
+    assert trim("x = foo(a,\n    b", prefix="def f():\n    ", truncated=True) == "x = foo(a,"
+
+
+def test_later_lines_stream_once_their_statement_is_complete() -> None:
+    deltas = ["a = 1\n", "    b = [", "1,\n", "        2]", "\n", "    c"]
+    shown = stream(deltas, prefix="def f():\n    ")
+    assert shown == ["a = 1", "", "", "", "\n    b = [1,\n        2]", "", "\n    c"]
+
+
+def test_a_statement_repeated_word_for_word_ends_the_block() -> None:
+    text = "self.x = x\n        self.y = y\n        self.y = y\n        self.y = y"
+    prefix = "class P:\n    def __init__(self, x, y):\n        "
+    assert trim(text, prefix=prefix) == "self.x = x\n        self.y = y"
+    trimmer = StreamTrimmer(mode="auto", prefix=prefix, suffix="")
+    shown = "".join(trimmer.push(line + "\n") for line in text.split("\n")[:3])
+    assert trimmer.done  # generation stops at the repeat rather than run to the limit
+    assert shown + trimmer.finish() == "self.x = x\n        self.y = y"
+
+
+def test_repeats_inside_brackets_and_in_other_modes_are_kept() -> None:
+    text = "rows = [\n        0,\n        0,\n    ]"
+    assert trim(text, prefix="def f():\n    ") == text
+    assert trim("a()\na()\na()", mode="none") == "a()\na()\na()"
 
 
 # --- repeats of the suffix --------------------------------------------------------------------
@@ -239,25 +294,32 @@ def split_text(draw: st.DrawFn) -> tuple[str, list[str]]:
     mode=st.sampled_from(["line", "block", "auto", "none"]),
     prefix=CODE,
     suffix=CODE,
+    truncated=st.booleans(),
 )
 def test_streaming_equals_trimming_the_whole_text(
-    split: tuple[str, list[str]], mode: str, prefix: str, suffix: str
+    split: tuple[str, list[str]], mode: str, prefix: str, suffix: str, truncated: bool
 ) -> None:
     text, deltas = split
-    expected = trim_completion(text, mode=mode, prefix=prefix, suffix=suffix)
+    expected = trim_completion(text, mode=mode, prefix=prefix, suffix=suffix, truncated=truncated)
     trimmer = StreamTrimmer(mode=mode, prefix=prefix, suffix=suffix)
     shown = ""
     for delta in deltas:
         shown += trimmer.push(delta)
         # What was shown is final: it is the start of the answer, whatever comes next.
         assert expected.startswith(shown)
-    assert shown + trimmer.finish() == expected
+    assert shown + trimmer.finish(truncated=truncated) == expected
 
 
 @settings(max_examples=500, deadline=None)
-@given(split=split_text(), mode=st.sampled_from(["line", "block", "auto", "none"]), prefix=CODE, suffix=CODE)
+@given(
+    split=split_text(),
+    mode=st.sampled_from(["line", "block", "auto", "none"]),
+    prefix=CODE,
+    suffix=CODE,
+    truncated=st.booleans(),
+)
 def test_stopping_when_done_gives_the_same_answer(
-    split: tuple[str, list[str]], mode: str, prefix: str, suffix: str
+    split: tuple[str, list[str]], mode: str, prefix: str, suffix: str, truncated: bool
 ) -> None:
     text, deltas = split
     trimmer = StreamTrimmer(mode=mode, prefix=prefix, suffix=suffix)
@@ -266,7 +328,8 @@ def test_stopping_when_done_gives_the_same_answer(
         shown += trimmer.push(delta)
         if trimmer.done:
             break  # as the service does: generation stops here
-    assert shown + trimmer.finish() == trim_completion(text, mode=mode, prefix=prefix, suffix=suffix)
+    expected = trim_completion(text, mode=mode, prefix=prefix, suffix=suffix, truncated=truncated)
+    assert shown + trimmer.finish(truncated=truncated) == expected
 
 
 @settings(max_examples=500, deadline=None)

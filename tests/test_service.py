@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from jupyter_codellama.engines import LocalEngine
+from jupyter_codellama.engines import LocalEngine, StreamStats
 from jupyter_codellama.protocol import CompletionRequest
 from jupyter_codellama.service import Job, ModelService, ServiceConfig
 from kernel_model import ModelError
@@ -79,4 +79,38 @@ def test_a_failing_generation_is_reported_and_the_next_request_works(fim_checkpo
     assert "out of memory" in failed[-1]["message"] and "Tried to allocate" not in failed[-1]["message"]
     worked = asyncio.run(run_job(service, CompletionRequest(prefix="def f():\n", max_new_tokens=4)))
     assert worked[-1]["type"] == "done"
+    service.stop()
+
+
+class ScriptedStream:
+    """An engine stream that yields fixed deltas and then says how it ended."""
+
+    def __init__(self, deltas: list[str], finish_reason: str) -> None:
+        self.deltas = deltas
+        self.stats = StreamStats(completion_tokens=len(deltas), finish_reason=finish_reason)
+
+    def __iter__(self):
+        return iter(self.deltas)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("finish_reason", "expected"),
+    [("length", "total = 0\n    for x in xs:\n        total += x"),
+     ("end", "total = 0\n    for x in xs:\n        total += x\n    return tot")],
+)  # fmt: skip
+def test_a_block_cut_off_by_the_token_limit_ends_at_its_last_whole_statement(
+    fim_checkpoint, finish_reason, expected
+):
+    service = ModelService(ServiceConfig(model=str(fim_checkpoint)))
+    service.start()
+    wait_for(lambda: service.status()["state"] == "ready")
+    deltas = ["total = 0\n", "    for x in xs:\n", "        total += x\n", "    return tot"]
+    service.engine.stream = lambda *args, **kwargs: ScriptedStream(deltas, finish_reason)
+    request = CompletionRequest(prefix="def f(xs):\n    ", suffix="\n", mode="auto", max_new_tokens=4)
+    events = asyncio.run(run_job(service, request))
+    assert events[-1]["type"] == "done" and events[-1]["text"] == expected
+    assert "".join(event["text"] for event in events[:-1]) == expected  # streamed, never taken back
     service.stop()
