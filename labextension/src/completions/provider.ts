@@ -16,6 +16,7 @@ import type { ICodeLlamaClient } from '../tokens';
 import { ICompletionSettings, isEnabledFor, MIN_TEMPERATURE_FOR_CANDIDATES } from './settings';
 import { LiveSuggestion } from './suggestion';
 import { completionTarget } from './target';
+import { editsInsideWord } from './trigger';
 
 export const PROVIDER_ID = 'jupyter-codellama';
 
@@ -69,6 +70,10 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     }
     const target = completionTarget(context.widget);
     if (!target || !isEnabledFor(settings, target)) {
+      return { items: [] };
+    }
+    const jsOffset = Text.charIndexToJsIndex(request.offset, request.text);
+    if (!invoked && editsInsideWord(request.text, jsOffset)) {
       return { items: [] };
     }
     const sharedModel = target.editor.model.sharedModel;

@@ -81,11 +81,11 @@ function setup(overrides: Partial<ICompletionSettings> = {}, shown = true) {
   });
   const widget: any = { id: 'nb-1' };
   widget.disposed = new Signal(widget);
-  const fetch = (triggerKind: number) =>
-    provider.fetch(
-      { text: editorModel.text, offset: editorModel.text.length, mimeType: 'text/x-ipython' },
-      { widget, triggerKind } as any
-    );
+  const fetch = (triggerKind: number, offset = editorModel.text.length) =>
+    provider.fetch({ text: editorModel.text, offset, mimeType: 'text/x-ipython' }, {
+      widget,
+      triggerKind
+    } as any);
   return { provider, requests, editorModel, fetch };
 }
 
@@ -184,6 +184,17 @@ describe('CodeLlamaInlineProvider', () => {
     const { requests, fetch } = setup({ trigger: 'manual' });
     await expect(fetch(AUTOMATIC)).rejects.toThrow(/manually/);
     expect(requests).toHaveLength(0);
+  });
+
+  it('stays quiet while the user edits inside a word, unless asked', async () => {
+    const { requests, editorModel, fetch } = setup();
+    editorModel.text = 'x = valus + 1';
+    await expect(fetch(AUTOMATIC, 'x = valu'.length)).resolves.toEqual({ items: [] });
+    await tick(30);
+    expect(requests).toHaveLength(0);
+    void fetch(INVOKE, 'x = valu'.length);
+    await tick();
+    expect(requests[0].request).toMatchObject({ prefix: 'x = valu', suffix: 's + 1' });
   });
 
   it('returns nothing where completions are switched off', async () => {
