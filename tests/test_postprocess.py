@@ -288,14 +288,18 @@ def split_text(draw: st.DrawFn) -> tuple[str, list[str]]:
     return text, [text[a:b] for a, b in pairwise(bounds)]
 
 
+# A completion as it streams in, where it is, and whether the model ended it or was cut off.
+STREAMED_COMPLETIONS = {
+    "split": split_text(),
+    "mode": st.sampled_from(["line", "block", "auto", "none"]),
+    "prefix": CODE,
+    "suffix": CODE,
+    "truncated": st.booleans(),
+}
+
+
 @settings(max_examples=1500, deadline=None)
-@given(
-    split=split_text(),
-    mode=st.sampled_from(["line", "block", "auto", "none"]),
-    prefix=CODE,
-    suffix=CODE,
-    truncated=st.booleans(),
-)
+@given(**STREAMED_COMPLETIONS)
 def test_streaming_equals_trimming_the_whole_text(
     split: tuple[str, list[str]], mode: str, prefix: str, suffix: str, truncated: bool
 ) -> None:
@@ -311,13 +315,7 @@ def test_streaming_equals_trimming_the_whole_text(
 
 
 @settings(max_examples=500, deadline=None)
-@given(
-    split=split_text(),
-    mode=st.sampled_from(["line", "block", "auto", "none"]),
-    prefix=CODE,
-    suffix=CODE,
-    truncated=st.booleans(),
-)
+@given(**STREAMED_COMPLETIONS)
 def test_stopping_when_done_gives_the_same_answer(
     split: tuple[str, list[str]], mode: str, prefix: str, suffix: str, truncated: bool
 ) -> None:
