@@ -43,6 +43,7 @@ class ModelInfo:
     max_context: int  # tokens the prompt and the answer share
     device: str = ""
     dtype: str = ""
+    quant: str = ""  # "int8" when the server holds the matrices quantized
     instruct: bool = False
 
     def __post_init__(self) -> None:
@@ -58,6 +59,7 @@ class ModelInfo:
             max_context=int(model.get("max_context") or 2048),
             device=str(model.get("device") or ""),
             dtype=str(model.get("dtype") or ""),
+            quant=str(model.get("quant") or ""),
             instruct=bool(model.get("instruct")),
         )
 
@@ -321,7 +323,8 @@ class KernelBackend:
 def describe_model(info: ModelInfo) -> str:
     infilling = "infills" if info.supports_infilling else "cannot infill"
     style = "Instruct" if info.instruct else "base"
-    where = " ".join(part for part in (info.device, info.dtype) if part)
+    weights = f"{info.quant} weights" if info.quant else ""
+    where = " ".join(part for part in (info.device, info.dtype, weights) if part)
     return (
         f"{info.name} ({style}, {infilling}, {info.max_context}-token window{', ' + where if where else ''})"
     )

@@ -78,11 +78,14 @@ class LocalEngine:
         self._count = functools.lru_cache(maxsize=8192)(model.tokenizer.count)
 
     @classmethod
-    def load(cls, model: str, device: str, dtype: str) -> LocalEngine:
-        return cls(load_model(model, device=device, dtype=dtype))
+    def load(
+        cls, model: str, device: str, dtype: str, *, quant: str | None = None, compile: bool = False
+    ) -> LocalEngine:
+        return cls(load_model(model, device=device, dtype=dtype, quant=quant, compile=compile))
 
     def describe(self) -> dict[str, Any]:
-        return {"device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch.")}
+        return {"device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
+                "quant": self.model.quant}  # fmt: skip
 
     def count_tokens(self, text: str) -> int:
         return self._count(text)

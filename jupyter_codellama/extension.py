@@ -8,6 +8,8 @@ import secrets
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Int, TraitError, Unicode, default, validate
 
+from kernel_model.codellama import QUANTIZATIONS
+
 from .handlers import handlers
 from .protocol import Limits
 from .remote import FIM_MODES, RemoteConfig
@@ -32,6 +34,17 @@ class CodeLlamaExtension(ExtensionApp):
     ).tag(config=True)
     dtype = Unicode(
         "auto", help="'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16', 'float16', 'float32'."
+    ).tag(config=True)
+    quant = Unicode(
+        "",
+        help="'int8': hold the model's matrices as int8 with one scale per row, quantized one at a time as "
+        "they load: half of bfloat16's memory (13B in about 14 GB), so a bigger model fits the GPU. "
+        "On a GPU it decodes fast only compiled (compile=True). Empty: the weights as loaded.",
+    ).tag(config=True)
+    compile = Bool(
+        False,
+        help="Compile the decode step with torch.compile while the model loads (the first start takes a "
+        "minute or more longer; keystrokes never wait for it).",
     ).tag(config=True)
     backend = Unicode(
         "local",
@@ -129,6 +142,14 @@ class CodeLlamaExtension(ExtensionApp):
             raise ValueError(f"backend {proposal['value']!r} is not available; use 'local' or 'openai'")
         return proposal["value"]
 
+    @validate("quant")
+    def _check_quant(self, proposal: dict) -> str:
+        if proposal["value"] not in ("", *QUANTIZATIONS):
+            raise TraitError(
+                f"quant must be empty or one of {', '.join(QUANTIZATIONS)}, not {proposal['value']!r}"
+            )
+        return proposal["value"]
+
     @validate("remote_fim")
     def _check_remote_fim(self, proposal: dict) -> str:
         if proposal["value"] not in FIM_MODES:
@@ -154,6 +175,8 @@ class CodeLlamaExtension(ExtensionApp):
             model=self.model,
             device=self.device,
             dtype=self.dtype,
+            quant=self.quant or None,
+            compile=self.compile,
             max_context_tokens=self.max_context_tokens,
             request_timeout=self.request_timeout,
             queue_size=self.queue_size,

@@ -42,6 +42,8 @@ class ServiceConfig:
     model: str = "embedded"
     device: str = "auto"
     dtype: str = "auto"
+    quant: str | None = None  # 'int8', or the weights as loaded
+    compile: bool = False  # torch.compile the decode step while loading
     max_context_tokens: int = 4096  # the prompt budget: more context, slower first token
     request_timeout: float = 30.0  # seconds from arrival to the end of generation
     queue_size: int = 16
@@ -358,4 +360,6 @@ def load_engine(config: ServiceConfig, log: logging.Logger | None = None) -> Eng
         return OpenAIEngine.connect(config.remote, log)
     if config.backend != "local":
         raise ModelError(f"unknown backend {config.backend!r}; use 'local' or 'openai'")
-    return LocalEngine.load(config.model, config.device, config.dtype)
+    return LocalEngine.load(
+        config.model, config.device, config.dtype, quant=config.quant, compile=config.compile
+    )

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelError
-from .fast import quantize_rows
+from .fast import Int8Linear, projections, quantize_rows
 from .model import ModelArgs, Transformer, ffn_hidden_dim
 
 # How fairscale's model-parallel layers split each weight across Meta's shards: the dimension to
@@ -206,12 +206,24 @@ def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def build_model(
-    args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], device: torch.device, dtype: torch.dtype
+    args: ModelArgs,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype,
+    quant: str | None = None,
 ) -> Transformer:
+    """`quant="int8"` quantizes each projection as it arrives, on the device: a model that fits there
+    only as int8 (13B on a 24 GB card) never exists in full precision, not even while loading."""
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: p.shape for name, p in model.state_dict().items()}
+    module_names = {module: name for name, module in model.named_modules()}
+    to_int8 = {
+        f"{module_names[parent]}.{attribute}".lstrip(".") + ".weight": (parent, attribute)
+        for parent, attribute in (projections(model) if quant == "int8" else [])
+    }
     state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, Int8Linear] = {}
     for name, tensor in tensors:
         if name not in expected:
             raise ModelError(f"unexpected weight {name!r} for this model")
@@ -220,13 +232,23 @@ def build_model(
                 f"weight {name} has shape {tuple(tensor.shape)}, the checkpoint's config implies "
                 f"{tuple(expected[name])}"
             )
-        state[name] = tensor.to(device=device, dtype=dtype)
-    if "output.weight" not in state and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"]  # tied embeddings (HF tie_word_embeddings)
-    missing = sorted(set(expected) - set(state))
+        if name in to_int8:
+            quantized[name] = Int8Linear(*quantize_rows(tensor.to(device=device, dtype=dtype)))
+        else:
+            state[name] = tensor.to(device=device, dtype=dtype)
+    if "output.weight" not in state and "output.weight" not in quantized and "tok_embeddings.weight" in state:
+        # Tied embeddings (HF tie_word_embeddings): the output matrix is the embedding table.
+        if "output.weight" in to_int8:
+            quantized["output.weight"] = Int8Linear(*quantize_rows(state["tok_embeddings.weight"]))
+        else:
+            state["output.weight"] = state["tok_embeddings.weight"]
+    missing = sorted(set(expected) - set(state) - set(quantized))
     if missing:
         raise ModelError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
-    model.load_state_dict(state, assign=True)
+    for name, linear in quantized.items():
+        parent, attribute = to_int8[name]
+        setattr(parent, attribute, linear)
+    model.load_state_dict(state, assign=True, strict=False)  # the int8 layers hold their own weights
     return model.eval()
 
 
@@ -244,11 +266,16 @@ def read_tensors(folder: Path, layout: str, args: ModelArgs) -> Iterator[tuple[s
 
 
 def load_transformer(
-    folder: Path, vocab_size: int, device: torch.device, dtype: torch.dtype, max_context: int | None
+    folder: Path,
+    vocab_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_context: int | None,
+    quant: str | None = None,
 ):
     """The model of a checkpoint folder, either layout; returns (model, layout)."""
     layout, args = read_args(folder, vocab_size, max_context)
-    return build_model(args, read_tensors(folder, layout, args), device, dtype), layout
+    return build_model(args, read_tensors(folder, layout, args), device, dtype, quant), layout
 
 
 # ---------------------------------------------------------------------------------------------

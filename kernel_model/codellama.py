@@ -69,7 +69,8 @@ def load_model(
     """A checkpoint folder (Meta or Hugging Face layout) or "embedded", ready to generate.
 
     `fast` (default) runs fused projections and, on CUDA, decode steps replayed as CUDA graphs
-    (`graphs`, default on there); `quant="int8"` stores projections as int8 with per-row scales;
+    (`graphs`, default on there); `quant="int8"` stores projections as int8 with per-row scales,
+    quantizing each matrix as it loads (the model never exists in full precision on the device);
     `compile` also compiles the decode step (True: inductor, or a torch.compile backend name).
     `warmup` does at load what the first keystroke would otherwise pay for (see CodeLlama.warmup).
     `max_context` is the window in tokens; by default the length the checkpoint records having been
@@ -86,8 +87,9 @@ def load_model(
     tokenizer = Tokenizer(folder / "tokenizer.model")
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
+    check_quantization(quant)
     model, layout = load_transformer(
-        folder, tokenizer.vocab_size, resolved_device, resolved_dtype, max_context
+        folder, tokenizer.vocab_size, resolved_device, resolved_dtype, max_context, quant
     )
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ModelError(
@@ -99,6 +101,11 @@ def load_model(
         model, tokenizer, name=name, layout=layout,
         fast=fast, quant=quant, compile=compile, graphs=graphs, warmup=warmup,
     )  # fmt: skip
+
+
+def check_quantization(quant: str | None) -> None:
+    if quant is not None and quant not in QUANTIZATIONS:
+        raise ModelError(f"unknown quantization {quant!r}; use {', '.join(QUANTIZATIONS)}")
 
 
 def default_cache_bytes(device: torch.device) -> int | None:
@@ -134,8 +141,7 @@ class CodeLlama:
         graphs: bool | None = None,
         warmup: bool = False,
     ):
-        if quant is not None and quant not in QUANTIZATIONS:
-            raise ModelError(f"unknown quantization {quant!r}; use {', '.join(QUANTIZATIONS)}")
+        check_quantization(quant)
         if quant == "int8":
             quantize_int8(model)
         self.model = model

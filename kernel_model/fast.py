@@ -60,20 +60,28 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales.to(weight.dtype)
 
 
-@torch.no_grad()
-def quantize_int8(model: Transformer) -> Transformer:
-    """Replace every projection (attention, feed-forward, output) by an `Int8Linear`, in place.
+def projections(model: Transformer) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute name) of every float projection int8 replaces: attention, feed-forward, output.
 
     Embeddings and norms stay in the model's dtype: a step reads one embedding row, so only the
     matrices it reads whole are worth halving.
     """
+    found: list[tuple[nn.Module, str]] = []
     for layer in model.layers:
         for parent in (layer.attention, layer.feed_forward):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear.quantize(child))
+            found += [
+                (parent, name) for name, child in parent.named_children() if isinstance(child, nn.Linear)
+            ]
     if isinstance(model.output, nn.Linear):
-        model.output = Int8Linear.quantize(model.output)
+        found.append((model, "output"))
+    return found
+
+
+@torch.no_grad()
+def quantize_int8(model: Transformer) -> Transformer:
+    """Replace every projection still in float (see `projections`) by an `Int8Linear`, in place."""
+    for parent, name in projections(model):
+        setattr(parent, name, Int8Linear.quantize(getattr(parent, name)))
     return model
 
 

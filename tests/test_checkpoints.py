@@ -7,9 +7,11 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from kernel_model import ModelError, load_model
 from kernel_model.checkpoint import load_transformer, make_test_checkpoint, random_state, write_meta
+from kernel_model.fast import Int8Linear, int8_parameters, quantize_int8, quantize_rows
 from kernel_model.model import ModelArgs
 
 
@@ -126,3 +128,30 @@ def test_int8_weight_without_its_scales(tmp_path, codellama_tokenizer_file):
     torch.save(weights, tmp_path / "consolidated.00.pth")
     with pytest.raises(ModelError, match=r"output\.weight is int8 but has no per-row output\.weight_scale"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize(("layout", "shards"), [("meta", 2), ("hf", 1)])
+def test_int8_quantizes_each_matrix_while_loading(tmp_path, codellama_tokenizer_file, layout, shards):
+    make_test_checkpoint(tmp_path, layout, codellama_tokenizer_file, kv_heads=2, shards=shards, seed=4)
+    loaded = load_transformer(tmp_path, 32016, torch.device("cpu"), torch.float32, None, quant="int8")[0]
+    # The same model as loading in float and quantizing afterwards, without the float copy.
+    reference = quantize_int8(load_transformer(tmp_path, 32016, torch.device("cpu"), torch.float32, None)[0])
+    assert not any(isinstance(module, torch.nn.Linear) for module in loaded.modules())
+    assert int8_parameters(loaded) == int8_parameters(reference) > 0
+    expected = reference.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in loaded.state_dict().items())
+
+
+def test_int8_of_tied_embeddings_quantizes_the_shared_table(tmp_path, codellama_tokenizer_file):
+    make_test_checkpoint(tmp_path, "hf", codellama_tokenizer_file, seed=5)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["lm_head.weight"]
+    embeddings = weights["model.embed_tokens.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_transformer(tmp_path, 32016, torch.device("cpu"), torch.float32, None, quant="int8")[0]
+    assert isinstance(loaded.output, Int8Linear)
+    assert torch.equal(loaded.output.weight, quantize_rows(embeddings)[0])
+    assert isinstance(
+        load_model(tmp_path, quant="int8").infill("def f(x):\n    ", "\n", max_new_tokens=4), str
+    )

@@ -69,6 +69,7 @@ async def test_status_reports_the_model(jp_fetch):
     ready = await wait_ready(jp_fetch)
     assert ready["model"]["supports_infilling"] is True
     assert ready["model"]["device"] == "cpu" and ready["model"]["dtype"] == "float32"
+    assert ready["model"]["quant"] is None
     assert ready["model"]["max_context"] == 4096 and ready["error"] is None
 
 

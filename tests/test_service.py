@@ -1,4 +1,4 @@
-"""The model service on its own: background loading, load failures, recovery after a failed request."""
+"""The model service on its own: background loading, load failures, recovery, how a cut-off answer ends, int8."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import threading
 import time
 
 import pytest
+from traitlets import TraitError
 
 from jupyter_codellama.engines import LocalEngine, StreamStats
+from jupyter_codellama.extension import CodeLlamaExtension
 from jupyter_codellama.protocol import CompletionRequest
 from jupyter_codellama.service import Job, ModelService, ServiceConfig
 from kernel_model import ModelError
+from kernel_model.fast import int8_parameters
 
 
 def wait_for(condition, timeout: float = 60.0) -> None:
@@ -114,3 +117,20 @@ def test_a_block_cut_off_by_the_token_limit_ends_at_its_last_whole_statement(
     assert events[-1]["type"] == "done" and events[-1]["text"] == expected
     assert "".join(event["text"] for event in events[:-1]) == expected  # streamed, never taken back
     service.stop()
+
+
+def test_int8_serving_holds_the_matrices_quantized_and_says_so(fim_checkpoint):
+    service = ModelService(ServiceConfig(model=str(fim_checkpoint), quant="int8"))
+    service.start()
+    wait_for(lambda: service.status()["state"] != "loading")
+    assert service.status()["model"]["quant"] == "int8"
+    assert int8_parameters(service.engine.model.model) > 0
+    events = asyncio.run(run_job(service, CompletionRequest(prefix="def f():\n    ", max_new_tokens=4)))
+    assert events[-1]["type"] == "done"
+    service.stop()
+
+
+def test_the_extension_refuses_an_unknown_quantization():
+    with pytest.raises(TraitError, match="quant must be empty or one of int8"):
+        CodeLlamaExtension(quant="int4")
+    assert CodeLlamaExtension(quant="int8").quant == "int8"

@@ -13,6 +13,8 @@ export interface IModelInfo {
   max_context: number;
   device: string;
   dtype: string;
+  /** 'int8' when the matrices are held quantized; '' as loaded. */
+  quant: string;
 }
 
 /** The cell fields the server's context builder reads; outputs keep only their text. */
@@ -148,7 +150,8 @@ export function parseServerStatus(data: unknown): IServerStatus {
         supports_infilling: data.model.supports_infilling === true,
         max_context: typeof data.model.max_context === 'number' ? data.model.max_context : 0,
         device: typeof data.model.device === 'string' ? data.model.device : '',
-        dtype: typeof data.model.dtype === 'string' ? data.model.dtype : ''
+        dtype: typeof data.model.dtype === 'string' ? data.model.dtype : '',
+        quant: typeof data.model.quant === 'string' ? data.model.quant : ''
       }
     : null;
   const error =

@@ -42,6 +42,7 @@ export function describeStatus(
     ? [
         model.device && `device ${model.device}`,
         model.dtype && `dtype ${model.dtype}`,
+        model.quant && `${model.quant} weights`,
         model.max_context > 0 && `context ${model.max_context} tokens`,
         model.supports_infilling ? 'fill-in-the-middle' : 'prefix-only (no infilling)'
       ]

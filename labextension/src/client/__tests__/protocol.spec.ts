@@ -68,7 +68,8 @@ describe('parseServerStatus', () => {
         supports_infilling: true,
         max_context: 2048,
         device: 'cpu',
-        dtype: 'float32'
+        dtype: 'float32',
+        quant: 'int8'
       },
       error: null
     });
@@ -79,7 +80,8 @@ describe('parseServerStatus', () => {
         supports_infilling: true,
         max_context: 2048,
         device: 'cpu',
-        dtype: 'float32'
+        dtype: 'float32',
+        quant: 'int8'
       },
       error: null
     });

@@ -7,7 +7,8 @@ const model = {
   supports_infilling: true,
   max_context: 4096,
   device: 'cuda:0',
-  dtype: 'bfloat16'
+  dtype: 'bfloat16',
+  quant: ''
 };
 
 describe('describeStatus', () => {
@@ -31,6 +32,17 @@ describe('describeStatus', () => {
       state: 'busy',
       label: 'CodeLlama-7b: busy'
     });
+  });
+
+  it('says when the weights are held as int8', () => {
+    const int8 = describeStatus(
+      { state: 'ready', model: { ...model, quant: 'int8' }, error: null },
+      0
+    );
+    expect(int8.title).toContain('int8 weights');
+    expect(describeStatus({ state: 'ready', model, error: null }, 0).title).not.toContain(
+      'weights'
+    );
   });
 
   it('puts the reason of an error on hover', () => {
