@@ -15,9 +15,10 @@ Line breaks come out as "\n" whatever the model wrote ("\r\n", a lone "\r"): a c
 
 In "block" mode the ghost text also stays whole: after the first line (which streams as it comes),
 a statement is shown only once it is complete (brackets and strings closed, a block header with the
-first line of its body); a statement that repeats the one before it word for word (a small model's
-loop: `self.y = y` eight times) ends the block; and a completion cut off by the token limit or the
-deadline (`truncated`) loses the statement it was in the middle of rather than show half a line.
+first line of its body), and a completion cut off by the token limit or the deadline (`truncated`)
+loses the statement it was in the middle of rather than show half a line. In every mode a statement
+that repeats the one before it word for word (a small model's loop: `self.y = y` eight times) ends
+the completion.
 
 In every mode, text that only repeats what already follows the cursor is dropped: the completion
 stops before a line equal to the first non-blank line of the suffix, and a tail that equals the
@@ -294,15 +295,14 @@ class _Cutter:
                 return _CUT_BEFORE if full.rstrip() == self._target else _CUT_AFTER
             if self._start == 0 and indent == 0 and self._saw_blank:
                 return _CUT_BEFORE
-        if self._mode == "block" and complete and full.rstrip() == self._last_statement:
-            return _CUT_BEFORE  # the same statement twice in a row: the model is looping
-        if self._target is None:
-            return _KEEP
+        # Stop before the suffix's next line, and before the statement just written, written again
+        # (the model is looping); while a line may still become one of them, it waits.
+        repeats = [line for line in (self._target, self._last_statement) if line is not None]
         if complete:
-            return _CUT_BEFORE if full.rstrip() == self._target else _KEEP
-        target = self._target
-        could_repeat = target.startswith(full) or (
-            full.startswith(target) and not full[len(target) :].strip()
+            return _CUT_BEFORE if full.rstrip() in repeats else _KEEP
+        could_repeat = any(
+            target.startswith(full) or (full.startswith(target) and not full[len(target) :].strip())
+            for target in repeats
         )
         return _WAIT if could_repeat else _KEEP
 

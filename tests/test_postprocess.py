@@ -153,10 +153,18 @@ def test_a_statement_repeated_word_for_word_ends_the_block() -> None:
     assert shown + trimmer.finish() == "self.x = x\n        self.y = y"
 
 
-def test_repeats_inside_brackets_and_in_other_modes_are_kept() -> None:
+def test_a_repeated_statement_ends_a_whole_answer_too_and_waits_while_it_may_be_one() -> None:
+    assert trim("a()\nb()\nb()\nb()", mode="none") == "a()\nb()"
+    trimmer = StreamTrimmer(mode="none", prefix="", suffix="")
+    assert trimmer.push("b()\nb(") == "b()"  # the second line may still become a repeat: it waits
+    assert trimmer.push("1)") == "\nb(1)"  # it did not
+    assert trimmer.push("\nb(1)\n") == "" and trimmer.done
+
+
+def test_repeats_inside_brackets_are_kept() -> None:
     text = "rows = [\n        0,\n        0,\n    ]"
     assert trim(text, prefix="def f():\n    ") == text
-    assert trim("a()\na()\na()", mode="none") == "a()\na()\na()"
+    assert trim(text, mode="none") == text
 
 
 # --- repeats of the suffix --------------------------------------------------------------------
