@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .postprocess import StreamTrimmer, was_cut_off
+
 URL_ENV = "JUPYTER_CODELLAMA_URL"
 KEY_ENV = "JUPYTER_CODELLAMA_KEY"
 MODEL_ENV = "JUPYTER_CODELLAMA_MODEL"
@@ -75,7 +77,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
 
     def message(self) -> dict[str, Any]:
-        """The request in the server's protocol; mode "none": the magic wants the answer untrimmed."""
+        """The request in the server's protocol; mode "none": the magic wants the whole answer, not a line or block."""
         return {
             "id": self.id,
             "prefix": self.prefix,
@@ -310,13 +312,24 @@ class KernelBackend:
                 )
             else:
                 generation = model.stream_complete(request.prefix, **sampling)
+            # The server trims its answers so (repeats, trailing space, line breaks): answer alike.
+            trimmer = StreamTrimmer(mode="none", prefix=request.prefix, suffix=request.suffix)
+            shown = []
             for delta in generation:
-                on_text(delta)
+                shown.append(trimmer.push(delta))
+                if shown[-1]:
+                    on_text(shown[-1])
+                if trimmer.done:
+                    generation.close()
+                    break
         except ModelError as exc:
             raise CodeLlamaError(str(exc)) from None
         result = generation.result
+        shown.append(trimmer.finish(truncated=was_cut_off(result.finish_reason)))
+        if shown[-1]:
+            on_text(shown[-1])
         return Outcome(
-            result.text, result.completion_tokens, result.decode_ms, result.finish_reason == "cancelled"
+            "".join(shown), result.completion_tokens, result.decode_ms, result.finish_reason == "cancelled"
         )
 
 

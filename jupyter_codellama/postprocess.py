@@ -39,7 +39,7 @@ from typing import Literal, cast
 
 from .context import CELL_MARKER
 
-__all__ = ["Mode", "StreamTrimmer", "normalize_line_breaks", "resolve_mode", "trim_completion"]
+__all__ = ["Mode", "StreamTrimmer", "normalize_line_breaks", "resolve_mode", "trim_completion", "was_cut_off"]
 
 Mode = Literal["line", "block", "auto", "none"]
 MODES: tuple[Mode, ...] = ("line", "block", "auto", "none")
@@ -71,6 +71,12 @@ def resolve_mode(mode: str, prefix: str) -> Mode:
         return cast(Mode, mode)
     line = _cursor_line(prefix)
     return "block" if not line.strip() or _BLOCK_HEADER.match(line) else "line"
+
+
+def was_cut_off(finish_reason: str) -> bool:
+    """Whether a generation that ended so was stopped mid-text (token limit, deadline, cancel) rather
+    than ended by the model ("end") or at a stop string ("stop"): the engines' finish reasons."""
+    return finish_reason not in ("end", "stop")
 
 
 def trim_completion(text: str, *, mode: str, prefix: str, suffix: str, truncated: bool = False) -> str:

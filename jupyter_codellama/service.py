@@ -21,8 +21,8 @@ from typing import Any
 from kernel_model import ModelError, SamplingParams
 
 from .context import MAX_CHARS_PER_TOKEN, FimContext, build_context, plain_context
-from .engines import Engine, LocalEngine, StreamStats
-from .postprocess import StreamTrimmer, trim_completion
+from .engines import Engine, LocalEngine
+from .postprocess import StreamTrimmer, trim_completion, was_cut_off
 from .protocol import CompletionRequest
 from .remote import OpenAIEngine, RemoteConfig
 
@@ -247,7 +247,7 @@ class ModelService:
                     break
         finally:
             stream.close()  # also on a failure: a suspended generation would hold the model's lock
-        tail = trimmer.finish(truncated=cut_off(stream.stats))
+        tail = trimmer.finish(truncated=was_cut_off(stream.stats.finish_reason))
         if tail:
             shown.append(tail)
             job.emit({"type": "chunk", "text": tail})
@@ -271,7 +271,7 @@ class ModelService:
             finally:
                 extra.close()
             text = trim_completion(raw, mode=request.mode, prefix=context.prefix, suffix=context.suffix,
-                                   truncated=cut_off(extra.stats))  # fmt: skip
+                                   truncated=was_cut_off(extra.stats.finish_reason))  # fmt: skip
             stats.append(extra.stats)
             if text and text not in choices:
                 choices.append(text)
@@ -318,11 +318,6 @@ class ModelService:
             request.cells, request.cell, request.offset, count_tokens=count, budget_tokens=budget,
             prefix_share=share, include_outputs=self.config.include_outputs,
         )  # fmt: skip
-
-
-def cut_off(stats: StreamStats) -> bool:
-    """Whether the model was stopped mid-text (token limit, deadline, cancel) rather than ending it."""
-    return stats.finish_reason not in ("end", "stop")
 
 
 def until_stopped(stream: Iterator[str], job: Job, deadline: float) -> Iterator[str]:

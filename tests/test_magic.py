@@ -13,18 +13,19 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from jupyter_codellama.client import CodeLlamaError, GenerationRequest, ModelInfo, Outcome
+from jupyter_codellama.client import CodeLlamaError, GenerationRequest, KernelBackend, ModelInfo, Outcome
 from jupyter_codellama.kernel_context import KernelContext, clean_history, describe, describe_namespace
 from jupyter_codellama.magic import CodeLlamaMagics
 from jupyter_codellama.magic_display import MIME_TYPE, Answer
 from jupyter_codellama.magic_prompt import CHARS_PER_TOKEN, MARGIN_TOKENS, build_prompt
+from jupyter_codellama.postprocess import trim_completion
 
 REPO = Path(__file__).resolve().parents[1]
 LOAD = "%load_ext jupyter_codellama"
@@ -617,3 +618,40 @@ def test_the_stop_button_stops_an_answer_the_kernel_writes(fim_checkpoint, tmp_p
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
+
+
+def test_the_kernels_own_model_answers_as_the_server_would_trim_it(fim_checkpoint, fim_model):
+    request = GenerationRequest("k", "def f(x):\n    ", "\n", True, 24, 0.0)
+    streamed: list[str] = []
+    outcome = KernelBackend(str(fim_checkpoint)).generate(request, streamed.append, threading.Event())
+    raw = fim_model.stream_infill(request.prefix, request.suffix, suffix_first=True, max_new_tokens=24)
+    expected = trim_completion("".join(raw), mode="none", prefix=request.prefix, suffix=request.suffix,
+                               truncated=raw.result.finish_reason == "length")  # fmt: skip
+    assert outcome.text == expected == "".join(streamed) and all(streamed)
+
+
+class LoopingGeneration:
+    """What a small model's stream looks like when it loops: the same line until the token limit."""
+
+    def __init__(self) -> None:
+        self.deltas = iter(["x = 1\n", "x = 1\n", "x = 1\n", "x ="])
+        self.result = SimpleNamespace(finish_reason="length", completion_tokens=12, decode_ms=1.0)
+        self.closed = False
+
+    def __iter__(self):
+        return self.deltas
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_kernels_own_model_stops_a_loop_as_the_server_does():
+    generation = LoopingGeneration()
+    backend = KernelBackend("looping")
+    backend._model = SimpleNamespace(
+        supports_infilling=True, stream_infill=lambda *args, **kwargs: generation
+    )
+    streamed: list[str] = []
+    request = GenerationRequest("k", "", "", True, 12, 0.0)
+    outcome = backend.generate(request, streamed.append, threading.Event())
+    assert outcome.text == "x = 1" and streamed == ["x = 1"] and generation.closed
