@@ -171,6 +171,8 @@ class CodeLlamaExtension(ExtensionApp):
         )
 
     def initialize_settings(self) -> None:
+        if self.backend != "local" and (self.quant or self.compile):
+            self.log.warning("Code Llama: quant and compile apply to the local backend only; ignored")
         config = ServiceConfig(
             model=self.model,
             device=self.device,

@@ -226,12 +226,17 @@ class _Cutter:
             self._start = _indent_width(self._head) + 1  # the block is the body: deeper than its header
         self._saw_blank = False
         self._depth = 0  # brackets open at the start of the current line
-        self._quote: str | None = None  # the string open at the start of the current line
+        # The string open at the start of the current line. The cursor may be inside one (a
+        # docstring being written): then the completion's lines are its text until it closes.
+        self._quote = _open_string(prefix)
+        self._in_prefix_string = self._quote is not None
         self._line_start = 0
         self._line_no = 0
-        # Block mode shows whole statements after the first line: where the last one ended, and the
-        # last line that started a statement (the one a repeat would copy).
+        # Block mode shows whole statements after the first line: where the last one ended, and
+        # whether a block header read since still waits for the first line of its body.
         self._statement_end = 0
+        self._header_pending = False
+        # The last one-line statement: the same line again means the model is looping.
         self._last_statement: str | None = None
         self.cut: int | None = None
         self.safe = 0
@@ -247,9 +252,10 @@ class _Cutter:
                 break
             verdict = self._judge(line, complete)
             if verdict == _CUT_BEFORE:
-                self.cut = self._line_start
+                # Below a header still waiting for its body, the header goes too.
+                self.cut = self._statement_end if self._holds_statements() else self._line_start
             elif verdict == _CUT_AFTER:
-                self.cut = line_end
+                self.cut = self._statement_end if self._header_pending else line_end
             elif verdict == _WAIT:
                 self.safe = self._statement_end if self._holds_statements() else self._line_start
                 return
@@ -257,18 +263,38 @@ class _Cutter:
                 self.safe = self._statement_end if self._holds_statements() else len(text)
                 return
             elif self._mode == "line" or newline == -1:
-                self.cut = line_end
+                ends_bodiless = self._header_pending and not _is_body(self._full(line))
+                self.cut = self._statement_end if self._holds_statements() and ends_bodiless else line_end
             else:
                 self._commit(line)
                 full = self._full(line)
+                string_text = self._in_prefix_string
                 self._depth, self._quote = _scan(line + "\n", self._depth, self._quote)
+                self._in_prefix_string = self._in_prefix_string and self._quote is not None
                 self._line_start = newline + 1
                 self._line_no += 1
-                # A block header ("if x:") waits for its body: cut off alone, it would not parse.
-                statement_closed = not self._depth and self._quote is None and not _BLOCK_HEADER.match(full)
-                if self._mode == "block" and (self._line_no == 1 or statement_closed):
-                    self._statement_end = self._line_start
+                if self._mode == "block":
+                    self._settle(full, string_text)
         self.safe = self.cut
+
+    def _settle(self, full: str, string_text: bool) -> None:
+        """After a line is read: if it completes a statement, the text up to here may be shown.
+
+        `string_text`: the line was text of the string the cursor is in, shown line by line.
+        """
+        if self._line_no == 1 or string_text:
+            self._statement_end = self._line_start  # the first line streamed as it came: it is shown
+            return
+        if self._depth or self._quote is not None or full.rstrip().endswith("\\"):
+            return  # the statement goes on
+        # A block header ("if x:") waits for its body: cut off alone, it would not parse. Blank
+        # and comment lines are no body.
+        if _is_body(full):
+            self._header_pending = False
+        elif _BLOCK_HEADER.match(full):
+            self._header_pending = True
+        if not self._header_pending:
+            self._statement_end = self._line_start
 
     def _holds_statements(self) -> bool:
         """Past the first line, block mode keeps back a statement until it is complete."""
@@ -280,7 +306,7 @@ class _Cutter:
     def _judge(self, line: str, complete: bool) -> int:
         if self._line_no == 0 and not self._head_blank:
             return _KEEP  # the rest of a line the user started
-        if self._depth or self._quote is not None:
+        if self._depth or (self._quote is not None and not self._in_prefix_string):
             return _KEEP  # inside brackets or a string the completion opened
         full = self._full(line)
         body = full.lstrip(" \t")
@@ -290,7 +316,7 @@ class _Cutter:
             return _CUT_BEFORE
         if not complete and CELL_MARKER.startswith(full):
             return _WAIT
-        if self._mode == "block" and self._start is not None:
+        if self._mode == "block" and self._start is not None and not self._in_prefix_string:
             indent = _indent_width(full)
             if indent < self._start:
                 if body[0] not in _CLOSERS:
@@ -323,7 +349,21 @@ class _Cutter:
         if self._start is None:
             self._start = _indent_width(full)
         self._saw_blank = False
-        self._last_statement = full.rstrip()
+        one_line = _scan(line + "\n", 0, None) == (0, None) and not full.rstrip().endswith("\\")
+        self._last_statement = full.rstrip() if one_line else None
+
+
+def _is_body(line: str) -> bool:
+    """Whether a line is code that can be a block's body: not blank, not a comment, not a header."""
+    body = line.strip()
+    return bool(body) and not body.startswith("#") and not _BLOCK_HEADER.match(line)
+
+
+def _open_string(prefix: str) -> str | None:
+    """The string left open at the end of the prefix, read from the start of the cursor's cell."""
+    cell = prefix.rfind("\n" + CELL_MARKER)
+    _, quote = _scan(prefix[cell + 1 :], 0, None)
+    return quote
 
 
 def _strip_trailing(text: str) -> str:

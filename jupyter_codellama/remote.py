@@ -364,6 +364,18 @@ def _error_message(detail: str) -> str:
     return detail.strip()
 
 
+def local_finish_reason(server_reason: str, ended: bool) -> str:
+    """A server's finish reason in the local engine's words (StreamStats.finish_reason).
+
+    Only "length" says the text was cut off. Servers name a natural end differently ("stop" in vLLM
+    and llama.cpp, "eos_token" and "stop_sequence" in TGI) or not at all: a stream the server
+    finished is an end; one the reader left early is "closed".
+    """
+    if server_reason == "length":
+        return "length"
+    return "end" if ended else "closed"
+
+
 def sse_events(response: http.client.HTTPResponse) -> Iterator[str]:
     """The data of each Server-Sent Event; comments (llama.cpp's pings) and other fields are skipped."""
     data: list[str] = []
@@ -400,7 +412,8 @@ class RemoteStream:
         self.deadline = deadline
         self.cancel = cancel
         self.stats = StreamStats(prompt_tokens=prompt_tokens)
-        self.finish_reason = ""
+        self.finish_reason = ""  # the server's word for how the text ended, when it says
+        self._ended = False
         self._opened: _Response | None = None
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -436,6 +449,7 @@ class RemoteStream:
                     visible = self.healer.push(text)
                     if visible:
                         yield visible
+                self._ended = True  # the server finished the stream (not the reader leaving early)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 if not self._stopped():
                     reason = self.engine._network_reason(exc) if isinstance(exc, OSError) else str(exc)
@@ -455,14 +469,11 @@ class RemoteStream:
                 self.stats.completion_tokens = chunks
 
     def _finish_reason(self) -> str:
-        # In the local engine's words (StreamStats.finish_reason).
         if self.cancel.is_set():
             return "cancelled"
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return "deadline"
-        if self.finish_reason in ("stop", "length"):
-            return "end" if self.finish_reason == "stop" else "length"
-        return "closed"
+        return local_finish_reason(self.finish_reason, self._ended)
 
     def _open_with_retries(self) -> _Response | None:
         engine = self.engine

@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jupyter_codellama.postprocess import StreamTrimmer, resolve_mode, trim_completion
@@ -159,6 +159,50 @@ def test_a_repeated_statement_ends_a_whole_answer_too_and_waits_while_it_may_be_
     assert trimmer.push("b()\nb(") == "b()"  # the second line may still become a repeat: it waits
     assert trimmer.push("1)") == "\nb(1)"  # it did not
     assert trimmer.push("\nb(1)\n") == "" and trimmer.done
+
+
+def test_only_one_line_statements_count_as_repeats() -> None:
+    calls = '    parser.add_argument(\n        "--a", type=int,\n    )\n    parser.add_argument(\n        "--b",\n    )'
+    assert (
+        trim(calls + "\n    return parser", prefix="def make():\n    p = 1\n")
+        == calls + "\n    return parser"
+    )
+
+
+def test_a_header_without_a_body_is_never_shown_after_the_first_line() -> None:
+    # The model dedents (or loops) right after a header: the header goes, streamed or not.
+    text = "    x\n    def f():\nx"
+    for truncated in (False, True):
+        assert trim(text, mode="block", truncated=truncated) == "    x"
+        assert "".join(stream([text], mode="block", truncated=truncated)) == "    x"
+    # Blank and comment lines are no body; the model ending there leaves the header out too.
+    assert trim("y = 1\n    if y:\n\n        ret", prefix="def f(y):\n    ", truncated=True) == "y = 1"
+    assert trim("y = 1\n    if y:\n        # check", prefix="def f(y):\n    ") == "y = 1"
+    assert (
+        trim("y = 1\n    if y:\n        return y", prefix="def f(y):\n    ")
+        == "y = 1\n    if y:\n        return y"
+    )
+
+
+def test_a_line_continued_with_a_backslash_is_not_a_whole_statement() -> None:
+    assert trim("a = 1\n    b = a + \\\n        2", prefix="def f():\n    ", truncated=True) == "a = 1"
+
+
+def test_inside_a_docstring_the_lines_are_its_text_until_it_closes() -> None:
+    prefix = 'def mean(values):\n    """\n    '
+    text = 'Average of the values.\n\n    Args:\n        values: numbers.\n    """\n    return sum(values) / len(values)\n\nx = 1'
+    # The editor closed the quotes already: the model's closing line repeats them and goes.
+    assert (
+        trim(text, prefix=prefix, suffix='\n    """\n')
+        == "Average of the values.\n\n    Args:\n        values: numbers."
+    )
+    # Otherwise the block goes on after the docstring, to the dedent.
+    assert trim(text, prefix=prefix) == text.removesuffix("\n\nx = 1")
+    # Docstring lines stream one by one, not held as one unfinished string.
+    shown = stream(
+        ["Average of the values.\n", "\n    Args:\n", "        values"], prefix=prefix, truncated=True
+    )
+    assert shown == ["Average of the values.", "\n\n    Args:", "", ""]
 
 
 def test_repeats_inside_brackets_are_kept() -> None:
@@ -324,6 +368,9 @@ def test_streaming_equals_trimming_the_whole_text(
 
 @settings(max_examples=500, deadline=None)
 @given(**STREAMED_COMPLETIONS)
+# Found in review: a stop right below a header that still waited for its body.
+@example(split=("    x\n    def f():\nx", ["    x\n    def f():\nx"]), mode="block", prefix="", suffix="",
+         truncated=True)  # fmt: skip
 def test_stopping_when_done_gives_the_same_answer(
     split: tuple[str, list[str]], mode: str, prefix: str, suffix: str, truncated: bool
 ) -> None:

@@ -41,6 +41,7 @@ from test_server import (  # noqa: F401 — collected here, run against the remo
 )
 from tornado.httpclient import HTTPClientError
 
+from jupyter_codellama.postprocess import was_cut_off
 from jupyter_codellama.remote import (
     Healer,
     OpenAIEngine,
@@ -49,6 +50,7 @@ from jupyter_codellama.remote import (
     estimate_tokens,
     fim_prompt,
     heal_whitespace,
+    local_finish_reason,
     split_url,
     sse_events,
 )
@@ -367,6 +369,15 @@ def test_whitespace_healing() -> None:
     other = Healer("    ")
     assert other.push("  pass\n    x") == "pass\n    x"  # the user's indentation stands
     assert Healer("").push("  y") == "  y"
+
+
+def test_finish_reasons_in_the_local_engines_words() -> None:
+    # Only "length" is a cut-off: a block completion that ended otherwise keeps its last line.
+    assert local_finish_reason("length", ended=True) == "length"
+    for server_reason in ("stop", "eos_token", "stop_sequence", ""):
+        assert local_finish_reason(server_reason, ended=True) == "end"
+        assert not was_cut_off(local_finish_reason(server_reason, ended=True))
+    assert local_finish_reason("", ended=False) == "closed"
 
 
 def test_sse_parsing_and_error_bodies() -> None:

@@ -72,15 +72,15 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     if (!target || !isEnabledFor(settings, target)) {
       return { items: [] };
     }
-    const jsOffset = Text.charIndexToJsIndex(request.offset, request.text);
-    if (!invoked && editsInsideWord(request.text, jsOffset)) {
-      return { items: [] };
-    }
     const sharedModel = target.editor.model.sharedModel;
     const state = this._stateOf(sharedModel);
     const fetchNumber = ++state.latestFetch;
     if (!invoked && state.suggestion?.isFollowed() && this._isShown(context.widget.id)) {
       throw new KeepCurrentSuggestion('The user is typing along the suggestion');
+    }
+    const jsOffset = Text.charIndexToJsIndex(request.offset, request.text);
+    if (!invoked && editsInsideWord(request.text, jsOffset)) {
+      return { items: [] };
     }
     if (!invoked && settings.debounceMs > 0) {
       await new Promise(resolve => setTimeout(resolve, settings.debounceMs));

@@ -197,6 +197,18 @@ describe('CodeLlamaInlineProvider', () => {
     expect(requests[0].request).toMatchObject({ prefix: 'x = valu', suffix: 's + 1' });
   });
 
+  it('keeps an invoked suggestion the user types along, even in front of a word', async () => {
+    const { requests, editorModel, fetch } = setup();
+    editorModel.text = 'x = values';
+    const listed = fetch(INVOKE, 'x = '.length);
+    await tick();
+    requests[0].chunk('sum(');
+    await listed;
+    editorModel.text = 'x = svalues';
+    editorModel.changed.emit();
+    await expect(fetch(AUTOMATIC, 'x = s'.length)).rejects.toThrow(/typing along/);
+  });
+
   it('returns nothing where completions are switched off', async () => {
     const { requests, fetch } = setup({ languages: ['r'] });
     await expect(fetch(INVOKE)).resolves.toEqual({ items: [] });
