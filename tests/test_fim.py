@@ -122,9 +122,10 @@ def test_round_trip_every_mode(tok: Tokenizer) -> None:
     assert seen == {"plain", "psm", "spm"}
 
 
+# "▁" (U+2581) is how sentencepiece writes a space, so it decodes as one: no Llama tokenizer keeps it.
 @settings(max_examples=150, deadline=None, database=None)
 @given(
-    doc=st.text(alphabet=st.characters(codec="utf-8", exclude_characters="<\x00\r"), max_size=120),
+    doc=st.text(alphabet=st.characters(codec="utf-8", exclude_characters="<\x00\r\u2581"), max_size=120),
     seed=st.integers(0, 2**32),
 )
 def test_round_trip_arbitrary_text(codellama_tokenizer_file: Path, doc: str, seed: int) -> None:
