@@ -305,6 +305,24 @@ def test_typing_past_a_suggestion_cancels_it_on_the_server(notebook: tuple[Page,
     shot(page, "04-typed-past-cancelled")
 
 
+def test_a_new_line_gets_a_suggestion_without_typing_on_it(notebook: tuple[Page, Frames]) -> None:
+    page, frames = notebook
+    header = "def total(values):"
+    type_in_cell(page, 3, header)
+    wait_until(page, lambda: frames.sent("complete"), what="the request for the header line")
+    page.keyboard.press("Enter")  # JupyterLab itself asks its providers nothing on a blank line
+    blank_line = len(header + "\n    ")
+    wait_until(
+        page,
+        lambda: any(m["offset"] == blank_line for m in frames.sent("complete")),
+        what="a request for the new, blank line",
+    )
+    request = next(m for m in frames.sent("complete") if m["offset"] == blank_line)
+    assert request["n"] == 1 and request["mode"] == "auto"  # answered as typing, not as an Alt+\\
+    wait_until(page, lambda: frames.received("done", request["id"]), timeout_s=60, what="its answer")
+    shot(page, "19-suggestion-on-a-new-line")
+
+
 def python_next_word(text: str) -> str:
     """The frontend's accept-next-word rule, restated: spaces, then a word run or a punctuation run."""
     match = re.match(r"\s*(?:\w+|[^\w\s]+)", text)

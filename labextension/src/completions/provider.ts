@@ -20,6 +20,9 @@ import { editsInsideWord } from './trigger';
 
 export const PROVIDER_ID = 'jupyter-codellama';
 
+/** How long an invoke made on the user's behalf is expected: it follows the keystroke at once. */
+const AUTOMATIC_INVOKE_TTL_MS = 2000;
+
 /**
  * Rejecting a fetch, unlike answering with no items, leaves the ghost text on
  * screen; that is what a superseded or redundant request should do.
@@ -63,7 +66,9 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     context: IInlineCompletionContext
   ): Promise<IInlineCompletionList> {
     const settings = this._settings();
-    const invoked = context.triggerKind === InlineCompletionTriggerKind.Invoke;
+    const invoked =
+      context.triggerKind === InlineCompletionTriggerKind.Invoke &&
+      !this._takeAutomaticInvoke(context.widget.id, request.text);
     if (!invoked && settings.trigger === 'manual') {
       // Typing must not wipe what an explicit invoke put on screen.
       throw new KeepCurrentSuggestion('Completions are requested manually');
@@ -119,6 +124,24 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
       const insertText = suggestion.remaining(candidate) ?? '';
       yield { response: { insertText, error: { message: suggestion.error } } };
     }
+  }
+
+  /**
+   * The next invoke in this widget, for exactly this text, comes from typing (see blankline.ts):
+   * answer it as an automatic request, debounced, with one candidate and no error shown.
+   */
+  expectAutomaticInvoke(widgetId: string, text: string): void {
+    this._automaticInvokes.set(widgetId, { text, at: Date.now() });
+  }
+
+  private _takeAutomaticInvoke(widgetId: string, text: string): boolean {
+    const expected = this._automaticInvokes.get(widgetId);
+    this._automaticInvokes.delete(widgetId);
+    return (
+      expected !== undefined &&
+      expected.text === text &&
+      Date.now() - expected.at < AUTOMATIC_INVOKE_TTL_MS
+    );
   }
 
   /** The suggestion last requested in the widget with this id, while it may still be on screen. */
@@ -203,6 +226,7 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
   private readonly _isShown: (widgetId: string) => boolean;
   private readonly _editors = new WeakMap<object, IEditorState>();
   private readonly _byId = new Map<string, LiveSuggestion>();
+  private readonly _automaticInvokes = new Map<string, { text: string; at: number }>();
   private readonly _shown = new Map<string, IShownSuggestion>();
 }
 

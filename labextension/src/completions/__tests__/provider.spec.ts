@@ -209,6 +209,31 @@ describe('CodeLlamaInlineProvider', () => {
     await expect(fetch(AUTOMATIC, 'x = s'.length)).rejects.toThrow(/typing along/);
   });
 
+  it('answers an invoke made for typing onto a blank line as typing: debounced, one candidate', async () => {
+    const { provider, requests, editorModel, fetch } = setup({ candidatesOnInvoke: 3 });
+    editorModel.text = 'def f(x):\n    ';
+    provider.expectAutomaticInvoke('nb-1', editorModel.text);
+    const listed = fetch(INVOKE);
+    await tick();
+    expect(requests).toHaveLength(0); // still in the debounce
+    await tick(30);
+    expect(requests[0].request).toMatchObject({ n: 1 });
+    requests[0].fail('model is loading');
+    await expect(listed).resolves.toEqual({ items: [] }); // quiet, as for typing
+    // The expectation is used up: the user's own Alt+\\ after it asks for candidates.
+    void fetch(INVOKE);
+    await tick();
+    expect(requests[1].request).toMatchObject({ n: 3 });
+  });
+
+  it("treats an invoke as the user's own when the text changed since the blank line", async () => {
+    const { provider, requests, editorModel, fetch } = setup({ candidatesOnInvoke: 3 });
+    provider.expectAutomaticInvoke('nb-1', 'something else');
+    void fetch(INVOKE);
+    await tick();
+    expect(requests[0].request).toMatchObject({ n: 3, prefix: editorModel.text });
+  });
+
   it('returns nothing where completions are switched off', async () => {
     const { requests, fetch } = setup({ languages: ['r'] });
     await expect(fetch(INVOKE)).resolves.toEqual({ items: [] });
