@@ -19,11 +19,15 @@ export function typedOntoBlankLine(
   return selection.empty && state.doc.lineAt(selection.head).text.trim() === '';
 }
 
-/** An editor extension calling `onBlankLine` with the editor's text after such an edit. */
-export function blankLineTrigger(onBlankLine: (text: string) => void): Extension {
+/** An editor extension calling `onBlankLine` with the focused editor after such an edit. */
+export function blankLineTrigger(onBlankLine: (view: EditorView) => void): Extension {
   return EditorView.updateListener.of(update => {
-    if (update.docChanged && typedOntoBlankLine(update.state, update.transactions)) {
-      onBlankLine(update.state.doc.toString());
+    if (
+      update.docChanged &&
+      update.view.hasFocus &&
+      typedOntoBlankLine(update.state, update.transactions)
+    ) {
+      onBlankLine(update.view);
     }
   });
 }

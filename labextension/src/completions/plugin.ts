@@ -1,5 +1,6 @@
 // Plugin that registers the Code Llama inline completion provider and its accept-word/line commands.
 
+import type { EditorView } from '@codemirror/view';
 import type { JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { EditorExtensionRegistry, IEditorExtensionRegistry } from '@jupyterlab/codemirror';
 import { ICompletionProviderManager } from '@jupyterlab/completer';
@@ -7,12 +8,17 @@ import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { ICodeLlamaClient, PLUGIN_PREFIX } from '../tokens';
 import { blankLineTrigger } from './blankline';
 import { addPartialAcceptCommands } from './commands';
-import { CodeLlamaInlineProvider } from './provider';
+import { CodeLlamaInlineProvider, PROVIDER_ID } from './provider';
 import {
   DEFAULT_COMPLETION_SETTINGS,
   ICompletionSettings,
+  isEnabledFor,
   readCompletionSettings
 } from './settings';
+import { completionTarget } from './target';
+
+/** JupyterLab's inline completer settings: which inline providers are enabled. */
+const INLINE_COMPLETER_PLUGIN = '@jupyterlab/completer-extension:inline-completer';
 
 export const completionsPlugin: JupyterFrontEndPlugin<void> = {
   id: `${PLUGIN_PREFIX}:completions`,
@@ -38,18 +44,34 @@ export const completionsPlugin: JupyterFrontEndPlugin<void> = {
     addPartialAcceptCommands(app, manager, provider);
 
     // JupyterLab asks inline providers only at the end of a line with text; on the blank line that
-    // Enter opens we ask ourselves, as an invoke the provider answers like typing.
-    const askOnBlankLine = (text: string) => {
+    // Enter opens we ask ourselves, as an invoke the provider answers like typing. An invoke asks
+    // every enabled inline provider, so only while ours is the one enabled.
+    let inlineProviders: Record<string, { enabled?: boolean } | undefined> = {};
+    const onlyOursEnabled = () =>
+      inlineProviders[PROVIDER_ID]?.enabled !== false &&
+      !Object.entries(inlineProviders).some(([id, p]) => id !== PROVIDER_ID && p?.enabled === true);
+    const askOnBlankLine = (view: EditorView) => {
       const widget = app.shell.currentWidget;
       const inline = manager.inline;
-      if (!widget || !inline || !settings.enabled || settings.trigger !== 'automatic') {
+      const target = widget && completionTarget(widget);
+      if (
+        !widget ||
+        !inline ||
+        !target ||
+        settings.trigger !== 'automatic' ||
+        !isEnabledFor(settings, target) ||
+        !onlyOursEnabled() ||
+        !widget.node.contains(view.dom) // an editor outside the document, e.g. the metadata editor
+      ) {
         return;
       }
+      const text = view.state.doc.toString();
       // After JupyterLab's handler has seen the same keystroke: its own (skipped) request would
-      // otherwise make this one look out of date.
+      // otherwise make this one look out of date. Not if the user typed on meanwhile.
       setTimeout(() => {
-        provider.expectAutomaticInvoke(widget.id, text);
-        inline.invoke(widget.id);
+        if (view.hasFocus && view.state.doc.toString() === text) {
+          provider.invokeAsTyping(widget.id, () => inline.invoke(widget.id));
+        }
       }, 0);
     };
     editorExtensions?.addExtension({
@@ -58,6 +80,18 @@ export const completionsPlugin: JupyterFrontEndPlugin<void> = {
         EditorExtensionRegistry.createImmutableExtension(blankLineTrigger(askOnBlankLine))
     });
 
+    registry
+      ?.load(INLINE_COMPLETER_PLUGIN)
+      .then(loaded => {
+        const apply = () => {
+          inlineProviders = (loaded.composite.providers ?? {}) as typeof inlineProviders;
+        };
+        apply();
+        loaded.changed.connect(apply);
+      })
+      .catch(() => {
+        // Without JupyterLab's inline completer settings, assume ours is the provider in use.
+      });
     registry
       ?.load(completionsPlugin.id)
       .then(loaded => {

@@ -15,19 +15,21 @@ import type { Widget } from '@lumino/widgets';
 import type { ICodeLlamaClient } from '../tokens';
 import { ICompletionSettings, isEnabledFor, MIN_TEMPERATURE_FOR_CANDIDATES } from './settings';
 import { LiveSuggestion } from './suggestion';
-import { completionTarget } from './target';
+import { completionTarget, ICompletionTarget } from './target';
 import { editsInsideWord } from './trigger';
 
 export const PROVIDER_ID = 'jupyter-codellama';
-
-/** How long an invoke made on the user's behalf is expected: it follows the keystroke at once. */
-const AUTOMATIC_INVOKE_TTL_MS = 2000;
 
 /**
  * Rejecting a fetch, unlike answering with no items, leaves the ghost text on
  * screen; that is what a superseded or redundant request should do.
  */
 class KeepCurrentSuggestion extends Error {}
+
+/** The editor a request was made for still has the focus and is still its widget's active one. */
+function isStillEdited(target: ICompletionTarget, widget: Widget): boolean {
+  return target.editor.hasFocus() && completionTarget(widget)?.editor === target.editor;
+}
 
 /** What is known about one editor (a cell, a file, a console prompt). */
 interface IEditorState {
@@ -68,7 +70,7 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     const settings = this._settings();
     const invoked =
       context.triggerKind === InlineCompletionTriggerKind.Invoke &&
-      !this._takeAutomaticInvoke(context.widget.id, request.text);
+      !this._invokingAsTyping.has(context.widget.id);
     if (!invoked && settings.trigger === 'manual') {
       // Typing must not wipe what an explicit invoke put on screen.
       throw new KeepCurrentSuggestion('Completions are requested manually');
@@ -100,6 +102,15 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     state.suggestion = suggestion;
     this._remember(context.widget, { suggestion, editor: target.editor });
     await suggestion.ready();
+    if (
+      context.triggerKind === InlineCompletionTriggerKind.Invoke &&
+      !isStillEdited(target, context.widget)
+    ) {
+      // JupyterLab checks this for typing, not for an invoke: the ghost text would land in the cell
+      // the user moved to, and Tab would insert it at the old cell's position.
+      suggestion.cancel();
+      throw new KeepCurrentSuggestion('The user left the editor this was asked for');
+    }
 
     if (suggestion.error) {
       // Typing-time failures stay quiet (the status bar shows the state); an explicit request deserves an answer.
@@ -127,21 +138,17 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
   }
 
   /**
-   * The next invoke in this widget, for exactly this text, comes from typing (see blankline.ts):
-   * answer it as an automatic request, debounced, with one candidate and no error shown.
+   * Runs `invoke`, which asks JupyterLab's inline completer of this widget, with the request it
+   * makes answered as typing (debounced, one candidate, quiet on errors): see blankline.ts.
+   * JupyterLab calls `fetch` for an invoke before `invoke` returns.
    */
-  expectAutomaticInvoke(widgetId: string, text: string): void {
-    this._automaticInvokes.set(widgetId, { text, at: Date.now() });
-  }
-
-  private _takeAutomaticInvoke(widgetId: string, text: string): boolean {
-    const expected = this._automaticInvokes.get(widgetId);
-    this._automaticInvokes.delete(widgetId);
-    return (
-      expected !== undefined &&
-      expected.text === text &&
-      Date.now() - expected.at < AUTOMATIC_INVOKE_TTL_MS
-    );
+  invokeAsTyping(widgetId: string, invoke: () => void): void {
+    this._invokingAsTyping.add(widgetId);
+    try {
+      invoke();
+    } finally {
+      this._invokingAsTyping.delete(widgetId);
+    }
   }
 
   /** The suggestion last requested in the widget with this id, while it may still be on screen. */
@@ -226,7 +233,7 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
   private readonly _isShown: (widgetId: string) => boolean;
   private readonly _editors = new WeakMap<object, IEditorState>();
   private readonly _byId = new Map<string, LiveSuggestion>();
-  private readonly _automaticInvokes = new Map<string, { text: string; at: number }>();
+  private readonly _invokingAsTyping = new Set<string>();
   private readonly _shown = new Map<string, IShownSuggestion>();
 }
 

@@ -63,8 +63,13 @@ function fakeClient() {
 function setup(overrides: Partial<ICompletionSettings> = {}, shown = true) {
   const editorModel = new FakeEditorModel();
   editorModel.text = 'x = ';
+  const editor = {
+    model: { sharedModel: editorModel },
+    focused: true,
+    hasFocus: () => editor.focused
+  };
   (completionTarget as jest.Mock).mockReturnValue({
-    editor: { model: { sharedModel: editorModel } },
+    editor,
     cellType: 'code',
     language: 'python',
     build: (text: string, jsOffset: number) => ({
@@ -86,7 +91,7 @@ function setup(overrides: Partial<ICompletionSettings> = {}, shown = true) {
       widget,
       triggerKind
     } as any);
-  return { provider, requests, editorModel, fetch };
+  return { provider, requests, editorModel, editor, fetch };
 }
 
 const tick = (ms = 0) => new Promise(resolve => setTimeout(resolve, ms));
@@ -212,26 +217,30 @@ describe('CodeLlamaInlineProvider', () => {
   it('answers an invoke made for typing onto a blank line as typing: debounced, one candidate', async () => {
     const { provider, requests, editorModel, fetch } = setup({ candidatesOnInvoke: 3 });
     editorModel.text = 'def f(x):\n    ';
-    provider.expectAutomaticInvoke('nb-1', editorModel.text);
-    const listed = fetch(INVOKE);
+    let listed!: ReturnType<typeof fetch>;
+    provider.invokeAsTyping('nb-1', () => {
+      listed = fetch(INVOKE);
+    });
     await tick();
     expect(requests).toHaveLength(0); // still in the debounce
     await tick(30);
     expect(requests[0].request).toMatchObject({ n: 1 });
     requests[0].fail('model is loading');
     await expect(listed).resolves.toEqual({ items: [] }); // quiet, as for typing
-    // The expectation is used up: the user's own Alt+\\ after it asks for candidates.
+    // Only that invoke: the user's own Alt+\\ afterwards asks for candidates.
     void fetch(INVOKE);
     await tick();
     expect(requests[1].request).toMatchObject({ n: 3 });
   });
 
-  it("treats an invoke as the user's own when the text changed since the blank line", async () => {
-    const { provider, requests, editorModel, fetch } = setup({ candidatesOnInvoke: 3 });
-    provider.expectAutomaticInvoke('nb-1', 'something else');
-    void fetch(INVOKE);
+  it('drops an invoked suggestion once the user has left its editor', async () => {
+    const { requests, editor, fetch } = setup();
+    const listed = fetch(INVOKE);
     await tick();
-    expect(requests[0].request).toMatchObject({ n: 3, prefix: editorModel.text });
+    editor.focused = false; // moved to another cell before the first token
+    requests[0].chunk('total');
+    await expect(listed).rejects.toThrow(/left the editor/);
+    expect(requests[0].cancelled).toBe(true);
   });
 
   it('returns nothing where completions are switched off', async () => {
