@@ -315,19 +315,17 @@ class KernelBackend:
             # The server trims its answers so (repeats, trailing space, line breaks): answer alike.
             trimmer = StreamTrimmer(mode="none", prefix=request.prefix, suffix=request.suffix)
             shown = []
-            for delta in generation:
-                shown.append(trimmer.push(delta))
-                if shown[-1]:
-                    on_text(shown[-1])
-                if trimmer.done:
-                    generation.close()
-                    break
+            for visible in trimmer.feed(generation):
+                shown.append(visible)
+                on_text(visible)
+            generation.close()  # at the trimmer's stop point: generate no more
         except ModelError as exc:
             raise CodeLlamaError(str(exc)) from None
         result = generation.result
-        shown.append(trimmer.finish(truncated=was_cut_off(result.finish_reason)))
-        if shown[-1]:
-            on_text(shown[-1])
+        tail = trimmer.finish(truncated=was_cut_off(result.finish_reason))
+        if tail:
+            shown.append(tail)
+            on_text(tail)
         return Outcome(
             "".join(shown), result.completion_tokens, result.decode_ms, result.finish_reason == "cancelled"
         )

@@ -35,6 +35,7 @@ and what it emits plus `finish()` always equals `trim_completion` of the whole t
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from typing import Literal, cast
 
 from .context import CELL_MARKER
@@ -126,6 +127,15 @@ class StreamTrimmer:
         out = cleaned[self._sent : hold]
         self._sent = hold
         return out
+
+    def feed(self, deltas: Iterable[str]) -> Iterator[str]:
+        """What to emit as the deltas arrive, until the stop point (the caller then stops generating)."""
+        for delta in deltas:
+            visible = self.push(delta)
+            if visible:
+                yield visible
+            if self.done:
+                return
 
     @property
     def done(self) -> bool:

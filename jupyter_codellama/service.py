@@ -238,13 +238,9 @@ class ModelService:
         )
         shown: list[str] = []
         try:
-            for delta in until_stopped(stream, job, deadline):
-                visible = trimmer.push(delta)
-                if visible:
-                    shown.append(visible)
-                    job.emit({"type": "chunk", "text": visible})
-                if trimmer.done:
-                    break
+            for visible in trimmer.feed(until_stopped(stream, job, deadline)):
+                shown.append(visible)
+                job.emit({"type": "chunk", "text": visible})
         finally:
             stream.close()  # also on a failure: a suspended generation would hold the model's lock
         tail = trimmer.finish(truncated=was_cut_off(stream.stats.finish_reason))

@@ -224,6 +224,13 @@ def build_model(
     }
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, Int8Linear] = {}
+
+    def place(name: str, weight: torch.Tensor) -> None:
+        if name in to_int8:
+            quantized[name] = Int8Linear(*quantize_rows(weight))
+        else:
+            state[name] = weight
+
     for name, tensor in tensors:
         if name not in expected:
             raise ModelError(f"unexpected weight {name!r} for this model")
@@ -232,16 +239,9 @@ def build_model(
                 f"weight {name} has shape {tuple(tensor.shape)}, the checkpoint's config implies "
                 f"{tuple(expected[name])}"
             )
-        if name in to_int8:
-            quantized[name] = Int8Linear(*quantize_rows(tensor.to(device=device, dtype=dtype)))
-        else:
-            state[name] = tensor.to(device=device, dtype=dtype)
-    if "output.weight" not in state and "output.weight" not in quantized and "tok_embeddings.weight" in state:
-        # Tied embeddings (HF tie_word_embeddings): the output matrix is the embedding table.
-        if "output.weight" in to_int8:
-            quantized["output.weight"] = Int8Linear(*quantize_rows(state["tok_embeddings.weight"]))
-        else:
-            state["output.weight"] = state["tok_embeddings.weight"]
+        place(name, tensor.to(device=device, dtype=dtype))
+    if "output.weight" not in state.keys() | quantized.keys() and "tok_embeddings.weight" in state:
+        place("output.weight", state["tok_embeddings.weight"])  # tied embeddings (HF tie_word_embeddings)
     missing = sorted(set(expected) - set(state) - set(quantized))
     if missing:
         raise ModelError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")

@@ -12,10 +12,8 @@ import { CodeLlamaInlineProvider, PROVIDER_ID } from './provider';
 import {
   DEFAULT_COMPLETION_SETTINGS,
   ICompletionSettings,
-  isEnabledFor,
   readCompletionSettings
 } from './settings';
-import { completionTarget } from './target';
 
 /** JupyterLab's inline completer settings: which inline providers are enabled. */
 const INLINE_COMPLETER_PLUGIN = '@jupyterlab/completer-extension:inline-completer';
@@ -53,16 +51,9 @@ export const completionsPlugin: JupyterFrontEndPlugin<void> = {
     const askOnBlankLine = (view: EditorView) => {
       const widget = app.shell.currentWidget;
       const inline = manager.inline;
-      const target = widget && completionTarget(widget);
-      if (
-        !widget ||
-        !inline ||
-        !target ||
-        settings.trigger !== 'automatic' ||
-        !isEnabledFor(settings, target) ||
-        !onlyOursEnabled() ||
-        !widget.node.contains(view.dom) // an editor outside the document, e.g. the metadata editor
-      ) {
+      // Not for an editor outside the document (the metadata editor); the provider's fetch applies
+      // the rest of the settings (trigger, cell types, languages) as it does for typing.
+      if (!widget || !inline || !onlyOursEnabled() || !widget.node.contains(view.dom)) {
         return;
       }
       const text = view.state.doc.toString();
