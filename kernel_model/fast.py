@@ -592,7 +592,10 @@ class FastDecoder:
     # -- load time ----------------------------------------------------------------------------
 
     def check(self, prompt: list[int], steps: int = 4) -> float:
-        """Largest logit difference (relative) between static steps and the eager forward, on a scratch cache.
+        """Largest distance between static steps' logits and the eager forward's, on a scratch cache.
+
+        The distance is relative: |static - eager| / |eager| over the whole logit vector (0: equal;
+        about 1 or more: unrelated, as after a wrong position or stale keys).
 
         Run at load: it compiles and captures what the first request would otherwise pay for, and
         a static step that disagrees with the eager one (NaN from stale memory, a bad capture)
@@ -613,8 +616,8 @@ class FastDecoder:
                 expected = self.logits([token], position, eager)
                 self.token.fill_(token)
                 got = self._advance(static, position, vocab)
-                scale = max(1.0, float(expected.abs().max()))
-                worst = max(worst, float((got - expected).abs().max()) / scale)
+                distance = (got.float() - expected.float()).norm() / expected.float().norm().clamp(min=1e-6)
+                worst = max(worst, float(distance))
                 token = int(expected[:vocab].argmax())
         return worst if worst == worst else float("inf")  # NaN compares unequal to itself
 

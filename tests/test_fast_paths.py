@@ -12,6 +12,7 @@ import torch
 
 from kernel_model import CodeLlama, ModelError, SamplingParams, Tokenizer, load_model
 from kernel_model.bench import random_transformer
+from kernel_model.codellama import STATIC_STEP_TOLERANCE
 from kernel_model.fast import MIN_BUCKET, FastDecoder, FastTransformer, dequantize, quantize_int8
 from kernel_model.generate import (
     HealingIndex,
@@ -112,6 +113,37 @@ def test_static_steps_give_the_eager_tokens_across_spans(codellama_tokenizer_fil
     static.decoder = FastDecoder(static.decoder.fast, static=True, lookahead=lookahead)
     ids = some_ids(MIN_BUCKET - 10)  # decoding crosses from the first span into the second
     assert greedy_tokens(static, ids, 24) == greedy_tokens(reference, ids, 24)
+
+
+def test_warmup_keeps_static_steps_in_bf16_and_drops_a_broken_one(codellama_tokenizer_file, caplog):
+    # Found on an H200: bf16 rounding alone put a 7B's static steps 0.06 from the eager forward, over
+    # the old bound, so every GPU decode ran eagerly. Rounding must not cost the fast path; a step
+    # reading memory nobody wrote (here: zeroed keys and values) must.
+    args = ModelArgs(dim=64, n_layers=16, n_heads=4, vocab_size=32016, multiple_of=32, max_context=1024)
+    tokenizer = Tokenizer(codellama_tokenizer_file)
+
+    def static_engine() -> CodeLlama:
+        llama = CodeLlama(random_transformer(args, CPU, torch.bfloat16, 3), tokenizer, "t", "random")
+        llama.decoder = FastDecoder(llama.decoder.fast, static=True)
+        return llama
+
+    healthy = static_engine()
+    healthy.warmup()
+    assert healthy.decoder.static and "decoding eagerly" not in caplog.text
+    broken = static_engine()
+    step = broken.decoder._step
+
+    def on_unwritten_memory(token, position, keys, values, span):
+        keys.zero_()
+        values.zero_()
+        return step(token, position, keys, values, span)
+
+    broken.decoder._step = on_unwritten_memory
+    assert broken.decoder.check([1, *range(100, 140)]) > 2 * STATIC_STEP_TOLERANCE[torch.bfloat16]
+    broken.warmup()
+    assert not broken.decoder.static and "decoding eagerly" in caplog.text
+    ids = some_ids(30)
+    assert greedy_tokens(broken, ids, 8) == greedy_tokens(healthy, ids, 8)
 
 
 def test_lookahead_leaves_a_prefix_cache_that_later_requests_can_trust(codellama_tokenizer_file):
