@@ -7,6 +7,7 @@
 # OUT/STEP.json (the figures) and OUT/STEP.log (progress), so a step that runs long loses only
 # itself. Steps (default: compiled int8 long, 520 s of limits, which fit one 10-minute call; hf
 # takes a second call; each limit includes building 7B random weights and compiling):
+#   graphs    the server's default path (CUDA graphs, no compile): the figures below (limit 100 s)
 #   compiled  --compile: decode, prefill 1k/4k/16k, first token after an edit      (limit 260 s)
 #   int8      --compile --quant int8: decode against the bf16 figures above         (limit 170 s)
 #   long      a 100,000-token prompt on the server's default path                   (limit 90 s)
@@ -15,7 +16,7 @@
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
-    echo "usage: $0 OUT [compiled|int8|long|hf ...]" >&2
+    echo "usage: $0 OUT [graphs|compiled|int8|long|hf ...]" >&2
     exit 2
 fi
 mkdir -p "$1"
@@ -25,8 +26,8 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(compiled int8 long)
 for name in "${steps[@]}"; do
     case $name in
-        compiled | int8 | long | hf) ;;
-        *) echo "unknown step $name (compiled, int8, long, hf)" >&2 && exit 2 ;;
+        graphs | compiled | int8 | long | hf) ;;
+        *) echo "unknown step $name (graphs, compiled, int8, long, hf)" >&2 && exit 2 ;;
     esac
 done
 cd "$(dirname "$0")/.."  # the checkout: python -m kernel_model runs from here
@@ -44,6 +45,7 @@ step() {
 
 for name in "${steps[@]}"; do
     case $name in
+        graphs) step graphs 100 --prompt-tokens 1024,4096,16384 --repeats 3 ;;
         compiled) step compiled 260 --compile --prompt-tokens 1024,4096,16384 --repeats 3 ;;
         int8) step int8 170 --compile --quant int8 --prompt-tokens 4096 --repeats 3 ;;
         long) step long 90 --prompt-tokens 100000 --new-tokens 16 --repeats 1 ;;
