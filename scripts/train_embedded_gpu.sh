@@ -9,7 +9,8 @@
 # (the device returns files of at most 16 MiB): `cat OUT/model.tar.part-* | tar -xf - -C DIR`.
 #
 # Knobs, from the environment: BUDGET_SECONDS (training, compilation included; 300), EPOCHS (FIM
-# passes tokenized; 6), DIM / LAYERS / HEADS (384 / 8 / 6: 20 M parameters, 21 MB as int8, about
+# passes tokenized; 6), MAX_CHARS (documents are cut into pieces of at most this many characters so
+# that each FIM sample fits a window; 3 x SEQ_LEN, about 0.95 of it in tokens), DIM / LAYERS / HEADS (384 / 8 / 6: 20 M parameters, 21 MB as int8, about
 # 150 tokens/s greedy on one CPU core), SEQ_LEN (1024, the window the model will serve), BATCH (32),
 # LR (2e-3), EVAL_LIMIT (all 1,033 tasks), EVAL_SECONDS (the limit of each mode's eval; 150; 0 skips
 # the evals, to run them elsewhere on the returned model).
@@ -30,7 +31,7 @@ export PYTHONUNBUFFERED=1
 python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
     "$corpus" "$work/corpus.txt"
 python3 -m kernel_model tokenize-corpus "$work/corpus.txt" --tokenizer "$tokenizer" \
-    --out "$work/tokens.bin" --epochs "${EPOCHS:-6}"
+    --out "$work/tokens.bin" --epochs "${EPOCHS:-6}" --max-chars "${MAX_CHARS:-$((3 * ${SEQ_LEN:-1024}))}"
 lr=${LR:-2e-3}
 python3 -m kernel_model.train --tokens "$work/tokens.bin" --tokenizer "$tokenizer" --out "$work/run" \
     --dim "${DIM:-384}" --layers "${LAYERS:-8}" --heads "${HEADS:-6}" --seq-len "${SEQ_LEN:-1024}" \

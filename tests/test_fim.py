@@ -183,13 +183,51 @@ def test_pack_sequences() -> None:
     assert list(fim.pack_sequences([[1, 2]], 4)) == []
 
 
+@settings(max_examples=300, deadline=None)
+@given(doc=st.text(alphabet="ab \n", max_size=400), max_chars=st.integers(1, 60), seed=st.integers(0, 99))
+def test_window_pieces_cut_at_line_ends_within_the_limit(doc: str, max_chars: int, seed: int) -> None:
+    pieces = fim.window_pieces(doc, random.Random(seed), max_chars)
+    assert pieces and "".join(pieces) == doc
+    assert pieces == [doc] if len(doc) <= max_chars else all(len(piece) <= max_chars for piece in pieces)
+    for piece in pieces[:-1]:
+        # A piece ends its last line, unless that line alone is longer than the piece may be.
+        assert piece.endswith("\n") or "\n" not in piece
+
+
+def test_window_pieces_leave_short_documents_whole_and_spread_the_rest() -> None:
+    assert fim.window_pieces("x = 1\n", random.Random(0), 100) == ["x = 1\n"]
+    assert fim.window_pieces("", random.Random(0), 100) == [""]
+    doc = "".join(f"line_{i} = {i}\n" for i in range(3000))  # 45 k characters
+    lengths = [len(p) for p in fim.window_pieces(doc, random.Random(1), 3000)[:-1]]
+    assert min(lengths) < 1200 and max(lengths) > 2500 and max(lengths) <= 3000
+
+
+def test_tokenize_corpus_in_window_pieces(
+    corpus_dir: Path, trained_tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    docs = list(iter_documents(corpus_dir))
+    max_chars = max(len(d) for d in docs) // 3
+    out = tmp_path / "pieces.bin"
+    meta = fim.tokenize_corpus(
+        corpus_dir, trained_tokenizer, out, vocab_size=800, seed=3, max_chars=max_chars
+    )
+    expected = []
+    for index, doc in enumerate(docs):
+        rng = fim.document_rng(3, 0, index)
+        expected += [
+            fim.fim_transform(p, trained_tokenizer, rng).ids for p in fim.window_pieces(doc, rng, max_chars)
+        ]
+    assert meta["samples"] == len(expected) > len(docs) and meta["max_chars"] == max_chars
+    assert np.array_equal(fim.load_tokens(out), np.concatenate([np.asarray(x) for x in expected]))
+
+
 def test_tokenize_corpus_and_batches(corpus_dir: Path, trained_tokenizer: Tokenizer, tmp_path: Path) -> None:
     out = tmp_path / "train.bin"
     meta = fim.tokenize_corpus(corpus_dir, trained_tokenizer, out, vocab_size=800, seed=3, epochs=2)
     tokens = fim.load_tokens(out)
     assert meta["dtype"] == "uint16" and len(tokens) == meta["tokens"]
     docs = list(iter_documents(corpus_dir))
-    assert meta["documents"] == 2 * len(docs) == sum(meta["modes"].values())
+    assert meta["samples"] == 2 * len(docs) == sum(meta["modes"].values())
     # The stream is exactly the per-document transforms, concatenated, epoch after epoch.
     expected = [
         fim.fim_transform(d, trained_tokenizer, fim.document_rng(3, e, i)).ids
