@@ -591,35 +591,49 @@ class FastDecoder:
 
     # -- load time ----------------------------------------------------------------------------
 
-    def check(self, prompt: list[int], steps: int = 4) -> float:
-        """Largest distance between static steps' logits and the eager forward's, on a scratch cache.
+    def check(self, prompt: list[int], steps: int = 4) -> tuple[float, float]:
+        """How far static steps stray from the eager forward, beside how far rounding alone moves it.
 
-        The distance is relative: |static - eager| / |eager| over the whole logit vector (0: equal;
-        about 1 or more: unrelated, as after a wrong position or stale keys).
+        Returns (distance, rounding), the largest of each over `steps` decoding steps on scratch
+        caches. Both are relative distances between logit vectors, |a - b| / |b| (0: equal; about
+        1 or more: unrelated): `distance` from a static step to the eager one-token step,
+        `rounding` from an eager prefill of the same tokens to that step — the same arithmetic in
+        another order, so in half precision it measures the drift this model and device show
+        without any bug. A NaN anywhere makes `distance` infinite.
 
         Run at load: it compiles and captures what the first request would otherwise pay for, and
-        a static step that disagrees with the eager one (NaN from stale memory, a bad capture)
-        shows here before any user sees it.
+        a static step that disagrees with the eager one (stale memory, a bad capture) shows here
+        before any user sees it.
         """
         if not self.static:
-            return 0.0
+            return 0.0, 0.0
         vocab = self.fast.args.vocab_size
         eager, static = self.fast.model.new_cache(), self.fast.model.new_cache()
-        worst = 0.0
+        worst = rounding = 0.0
         with torch.inference_mode():
             for cache in (eager, static):
                 cache.reserve(len(prompt) + steps)
                 self.logits(prompt[:-1], 0, cache)
-            token = prompt[-1]
+            tokens = list(prompt)
             for step in range(steps):
                 position = len(prompt) - 1 + step
-                expected = self.logits([token], position, eager)
-                self.token.fill_(token)
+                expected = self.logits(tokens[-1:], position, eager)
+                prefilled = self.logits(tokens, 0, self.fast.model.new_cache())
+                self.token.fill_(tokens[-1])
                 got = self._advance(static, position, vocab)
-                distance = (got.float() - expected.float()).norm() / expected.float().norm().clamp(min=1e-6)
-                worst = max(worst, float(distance))
-                token = int(expected[:vocab].argmax())
-        return worst if worst == worst else float("inf")  # NaN compares unequal to itself
+                distance = relative_distance(got, expected)
+                if distance != distance:  # NaN: nothing to compare
+                    return float("inf"), rounding
+                worst = max(worst, distance)
+                rounding = max(rounding, relative_distance(prefilled, expected))
+                tokens.append(int(expected[:vocab].argmax()))
+        return worst, rounding
+
+
+def relative_distance(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """|logits - reference| / |reference| over whole vectors, in float32 (NaN if either holds one)."""
+    reference = reference.float()
+    return float((logits.float() - reference).norm() / reference.norm().clamp(min=1e-6))
 
 
 def host_argmax(logits: torch.Tensor) -> int:

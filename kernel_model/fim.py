@@ -59,14 +59,18 @@ def split_document(doc: str, rng: random.Random) -> tuple[str, str, str]:
 
 
 def window_pieces(doc: str, rng: random.Random, max_chars: int) -> list[str]:
-    """`doc` cut at line ends into pieces of at most `max_chars` characters, each length drawn
-    uniformly from a quarter of that to all of it; a document that fits stays whole.
+    """`doc` cut at line ends into pieces of at most `max_chars` characters; a document that fits stays whole.
+
+    Each cut is made at the last line end before a limit drawn uniformly from a quarter of
+    `max_chars` to all of it, so lengths spread over that range (a piece may come out shorter
+    where a long line follows a short one, and the last is whatever remains).
 
     Code Llama's documents mostly fit its 4,096-token sequences. Ours average ~4,000 tokens against
     a 1,024-token window, so a PSM sample's middle lands in a window holding the end of its suffix
     but not of its prefix, and the model never learns to read the prefix across the suffix. Pieces
-    that fit a window give every sample its whole context, and the spread of lengths teaches both
-    short and window-filling prompts. A line longer than the piece is cut where the piece ends.
+    that fit a window, read by windows that start where samples start (`batches`), give a sample
+    its whole context, and the spread of lengths teaches both short and window-filling prompts. A
+    line longer than the limit is cut at the limit.
     """
     pieces = []
     while len(doc) > max_chars:
@@ -252,6 +256,7 @@ def batches(
     *,
     epochs: int | None = None,
     start: int = 0,
+    sample_start_id: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Training batches: int64 tensors of shape (batch_size, seq_len + 1); inputs [:, :-1], targets [:, 1:].
 
@@ -259,12 +264,22 @@ def batches(
     epoch visits every window once in an order drawn from (seed, epoch). Runs forever unless `epochs` is
     given; a final partial batch of an epoch is dropped. `start` skips that many batches without reading
     them, so a resumed run continues exactly where it stopped.
+
+    With `sample_start_id` (the <s> every sample begins with), a window starts at every sample instead,
+    running on into the samples after it: a sample that fits a window is always seen whole, from
+    position 0 as a prompt is, where fixed windows cut half of window-sized pieces apart. Windows
+    then overlap, so an epoch reads each token about window / mean sample length times.
     """
     if isinstance(token_source, str | os.PathLike):
         tokens = load_tokens(token_source)
     else:
         tokens = np.asarray(token_source)
-    windows = (len(tokens) - 1) // seq_len
+    if sample_start_id is None:
+        offsets = np.arange((len(tokens) - 1) // seq_len) * seq_len
+    else:
+        offsets = np.flatnonzero(tokens == sample_start_id)
+        offsets = offsets[offsets + seq_len + 1 <= len(tokens)]
+    windows = len(offsets)
     if windows < batch_size:
         raise ValueError(f"{len(tokens)} tokens make {windows} windows of {seq_len}, fewer than one batch")
     per_epoch = windows // batch_size
@@ -272,8 +287,9 @@ def batches(
     while epochs is None or epoch < epochs:
         order = np.random.default_rng([seed, epoch]).permutation(windows)
         for first in range(skip * batch_size, per_epoch * batch_size, batch_size):
-            picked = order[first : first + batch_size]
-            rows = [tokens[i * seq_len : i * seq_len + seq_len + 1] for i in picked]
+            rows = [
+                tokens[offset : offset + seq_len + 1] for offset in offsets[order[first : first + batch_size]]
+            ]
             yield torch.from_numpy(np.stack(rows).astype(np.int64))
         epoch, skip = epoch + 1, 0
 
@@ -298,6 +314,13 @@ def _cmd_tokenize_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register `tokenize-corpus` on the engine's top-level subparsers (handler in `func`)."""
     p = subparsers.add_parser("tokenize-corpus", help="FIM-transform and tokenize a corpus for training")
@@ -314,7 +337,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=1, help="passes, each with fresh FIM draws")
     p.add_argument(
         "--max-chars",
-        type=int,
+        type=_non_negative,
         default=0,
         help="cut longer documents at line ends into pieces of at most this many characters, so each "
         "FIM sample fits a training window (about 3 x its tokens); 0 keeps documents whole",

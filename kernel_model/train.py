@@ -57,6 +57,7 @@ class TrainConfig:
     compile: bool = False
     export_int8: bool = False  # int8 matrices: a model twice the size fits the same bytes
     budget_seconds: float = 0.0  # choose `steps` so the run ends within this, from its measured step rate
+    align_windows: bool = False  # a window starts at every sample (fim.batches): whole FIM samples
 
 
 # A budgeted run times steps after the first few (compilation, allocator warm-up) and before the
@@ -245,8 +246,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         device = torch.device(options.device)
 
+    sample_start_id = Tokenizer(options.tokenizer).bos_id if cfg.align_windows else None
+
     def make_batches(start: int) -> Iterator[torch.Tensor]:
-        return batches(options.tokens, cfg.seq_len, cfg.batch_size, cfg.seed, start=start)
+        return batches(
+            options.tokens,
+            cfg.seq_len,
+            cfg.batch_size,
+            cfg.seed,
+            start=start,
+            sample_start_id=sample_start_id,
+        )
 
     folder = train(cfg, make_batches, options.tokenizer, options.out, device)
     print(f"exported {folder}")

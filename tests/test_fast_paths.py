@@ -12,7 +12,7 @@ import torch
 
 from kernel_model import CodeLlama, ModelError, SamplingParams, Tokenizer, load_model
 from kernel_model.bench import random_transformer
-from kernel_model.codellama import STATIC_STEP_TOLERANCE
+from kernel_model.codellama import ROUNDING_FACTOR, STATIC_STEP_FLOOR
 from kernel_model.fast import MIN_BUCKET, FastDecoder, FastTransformer, dequantize, quantize_int8
 from kernel_model.generate import (
     HealingIndex,
@@ -115,35 +115,57 @@ def test_static_steps_give_the_eager_tokens_across_spans(codellama_tokenizer_fil
     assert greedy_tokens(static, ids, 24) == greedy_tokens(reference, ids, 24)
 
 
-def test_warmup_keeps_static_steps_in_bf16_and_drops_a_broken_one(codellama_tokenizer_file, caplog):
+BF16_DEEP = ModelArgs(dim=64, n_layers=16, n_heads=4, vocab_size=32016, multiple_of=32, max_context=1024)
+
+
+def static_bf16_engine(tokenizer_file) -> CodeLlama:
+    model = random_transformer(BF16_DEEP, CPU, torch.bfloat16, 3)
+    llama = CodeLlama(model, Tokenizer(tokenizer_file), "t", "random")
+    llama.decoder = FastDecoder(llama.decoder.fast, static=True)
+    return llama
+
+
+def test_warmup_keeps_static_steps_in_bf16(codellama_tokenizer_file, caplog):
     # Found on an H200: bf16 rounding alone put a 7B's static steps 0.06 from the eager forward, over
-    # the old bound, so every GPU decode ran eagerly. Rounding must not cost the fast path; a step
-    # reading memory nobody wrote (here: zeroed keys and values) must.
-    args = ModelArgs(dim=64, n_layers=16, n_heads=4, vocab_size=32016, multiple_of=32, max_context=1024)
-    tokenizer = Tokenizer(codellama_tokenizer_file)
+    # the old bound, so every GPU decode ran eagerly. Rounding must not cost the fast path.
+    llama = static_bf16_engine(codellama_tokenizer_file)
+    distance, rounding = llama.decoder.check([1, *range(100, 140)])
+    assert 0 < distance < 2 * rounding  # the static step drifts as much as rounding does, no more
+    llama.warmup()
+    assert llama.decoder.static and "decoding eagerly" not in caplog.text
 
-    def static_engine() -> CodeLlama:
-        llama = CodeLlama(random_transformer(args, CPU, torch.bfloat16, 3), tokenizer, "t", "random")
-        llama.decoder = FastDecoder(llama.decoder.fast, static=True)
-        return llama
 
-    healthy = static_engine()
-    healthy.warmup()
-    assert healthy.decoder.static and "decoding eagerly" not in caplog.text
-    broken = static_engine()
-    step = broken.decoder._step
-
-    def on_unwritten_memory(token, position, keys, values, span):
+def _reading_unwritten_memory(step):
+    def broken(token, position, keys, values, span):
         keys.zero_()
         values.zero_()
         return step(token, position, keys, values, span)
 
-    broken.decoder._step = on_unwritten_memory
-    assert broken.decoder.check([1, *range(100, 140)]) > 2 * STATIC_STEP_TOLERANCE[torch.bfloat16]
+    return broken
+
+
+def _answering_nan(step):
+    return lambda token, position, keys, values, span: step(token, position, keys, values, span) * torch.nan
+
+
+def _reading_the_next_token(step):
+    return lambda token, position, keys, values, span: step(token + 1, position, keys, values, span)
+
+
+@pytest.mark.parametrize("breakage", [_reading_unwritten_memory, _answering_nan, _reading_the_next_token])
+def test_warmup_drops_a_broken_static_step(codellama_tokenizer_file, caplog, breakage):
+    reference = engine(codellama_tokenizer_file, fast=True)  # float32, eager steps
+    broken = static_bf16_engine(codellama_tokenizer_file)
+    broken.decoder._step = breakage(broken.decoder._step)
+    distance, rounding = broken.decoder.check([1, *range(100, 140)])
+    assert distance > 3 * max(STATIC_STEP_FLOOR[torch.bfloat16], ROUNDING_FACTOR * rounding)
     broken.warmup()
     assert not broken.decoder.static and "decoding eagerly" in caplog.text
+    eager = static_bf16_engine(codellama_tokenizer_file)
+    eager.decoder = FastDecoder(eager.decoder.fast)
     ids = some_ids(30)
-    assert greedy_tokens(broken, ids, 8) == greedy_tokens(healthy, ids, 8)
+    assert greedy_tokens(broken, ids, 8) == greedy_tokens(eager, ids, 8)
+    assert reference.decoder.check(ids) == (0.0, 0.0)  # eager decoders have nothing to check
 
 
 def test_lookahead_leaves_a_prefix_cache_that_later_requests_can_trust(codellama_tokenizer_file):

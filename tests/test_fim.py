@@ -268,6 +268,26 @@ def test_tokenize_corpus_and_batches(corpus_dir: Path, trained_tokenizer: Tokeni
         next(fim.batches(np.arange(10), 64, 2))
 
 
+def test_batches_aligned_to_samples_see_each_fitting_sample_whole(
+    corpus_dir: Path, trained_tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    out = tmp_path / "pieces.bin"
+    fim.tokenize_corpus(corpus_dir, trained_tokenizer, out, vocab_size=800, seed=3, epochs=2, max_chars=300)
+    tokens = np.asarray(fim.load_tokens(out), dtype=np.int64)
+    bos, seq_len, batch_size = trained_tokenizer.bos_id, 128, 4
+    starts = [int(i) for i in np.flatnonzero(tokens == bos) if i + seq_len + 1 <= len(tokens)]
+    epoch = list(fim.batches(out, seq_len, batch_size, seed=5, epochs=1, sample_start_id=bos))
+    assert len(epoch) == len(starts) // batch_size
+    rows = [row for batch in epoch for row in batch.numpy()]
+    assert all(row[0] == bos for row in rows)
+    # Each row is the window from a sample's start (so a sample that fits is seen whole, from
+    # position 0), and no start is used twice in an epoch.
+    expected = collections.Counter(tokens[i : i + seq_len + 1].tobytes() for i in starts)
+    assert not collections.Counter(row.tobytes() for row in rows) - expected
+    resumed = fim.batches(out, seq_len, batch_size, seed=5, epochs=1, start=2, sample_start_id=bos)
+    assert all(torch.equal(a, b) for a, b in zip(epoch[2:], resumed, strict=True))
+
+
 def test_cli_registration(corpus_dir: Path, trained_tokenizer: Tokenizer, tmp_path: Path, capsys) -> None:
     parser = argparse.ArgumentParser()
     fim.add_cli(parser.add_subparsers(dest="command", required=True))
