@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -76,18 +77,26 @@ def test_a_budgeted_run_fits_its_steps_and_resumes_them(tmp_path, codellama_toke
     monkeypatch.setattr(train_module, "BUDGET_SKIP_STEPS", 2)  # fit early: the test need not wait for it
     monkeypatch.setattr(train_module, "BUDGET_TIMED_STEPS", 5)
     cfg = TrainConfig(dim=32, layers=1, heads=2, seq_len=16, batch_size=2, steps=10**6, warmup_steps=10,
-                      budget_seconds=2.0, log_every=1, save_every=5)  # fmt: skip
+                      budget_seconds=4.0, log_every=1, save_every=5)  # fmt: skip
     run = tmp_path / "run"
+
+    class Crash(Exception):
+        pass
+
+    def crashing_batches(start):
+        yield from itertools.islice(repeating_batches(32016, 16, 2), 11)
+        raise Crash
+
+    # A crash while reading the 12th batch, after the fit at step 7 and the save at step 10.
+    with pytest.raises(Crash):
+        train(cfg, crashing_batches, codellama_tokenizer_file, run, torch.device("cpu"))
+    fitted = json.loads((run / "config.json").read_text())["steps"]
+    stopped = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert stopped[-1] == 11 < fitted < 10**6
 
     def batches(start):
         return repeating_batches(32016, 16, 2)
 
-    # Stopped early, as by a crash, after its fit at step 7.
-    train(TrainConfig(**{**cfg.__dict__, "max_seconds": 0.5}), batches, codellama_tokenizer_file, run,
-          torch.device("cpu"))  # fmt: skip
-    fitted = json.loads((run / "config.json").read_text())["steps"]
-    stopped = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
-    assert 7 <= stopped[-1] < fitted < 10**6
     # Run again: it resumes where it stopped and ends where the fitted schedule ends.
     train(cfg, batches, codellama_tokenizer_file, run, torch.device("cpu"))
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
