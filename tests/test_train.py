@@ -84,15 +84,16 @@ def test_a_budgeted_run_fits_its_steps_and_resumes_them(tmp_path, codellama_toke
         pass
 
     def crashing_batches(start):
-        yield from itertools.islice(repeating_batches(32016, 16, 2), 11)
+        yield from itertools.islice(repeating_batches(32016, 16, 2), 8)
         raise Crash
 
-    # A crash while reading the 12th batch, after the fit at step 7 and the save at step 10.
+    # A crash while reading the 9th batch, after the fit at step 7 and a save at step 8.
     with pytest.raises(Crash):
-        train(cfg, crashing_batches, codellama_tokenizer_file, run, torch.device("cpu"))
+        train(TrainConfig(**{**cfg.__dict__, "save_every": 1}), crashing_batches, codellama_tokenizer_file,
+              run, torch.device("cpu"))  # fmt: skip
     fitted = json.loads((run / "config.json").read_text())["steps"]
     stopped = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
-    assert stopped[-1] == 11 < fitted < 10**6
+    assert stopped[-1] == 8 < fitted < 10**6
 
     def batches(start):
         return repeating_batches(32016, 16, 2)
