@@ -599,7 +599,7 @@ class FastDecoder:
         1 or more: unrelated): `distance` from a static step to the eager one-token step,
         `rounding` from an eager prefill of the same tokens to that step — the same arithmetic in
         another order, so in half precision it measures the drift this model and device show
-        without any bug. A NaN anywhere makes `distance` infinite.
+        without any bug. A NaN in either step's logits makes `distance` infinite.
 
         Run at load: it compiles and captures what the first request would otherwise pay for, and
         a static step that disagrees with the eager one (stale memory, a bad capture) shows here
