@@ -77,10 +77,8 @@ def window_pieces(doc: str, rng: random.Random, max_chars: int) -> list[str]:
         limit = rng.randint(max(1, max_chars // 4), max_chars)
         end = doc.rfind("\n", 0, limit) + 1 or limit  # keep the newline with its line
         pieces.append(doc[:end])
-        doc = doc[end:]
-    if doc:
-        pieces.append(doc)
-    return pieces or [doc]
+        doc = doc[end:]  # never empty: every cut is within max_chars of a longer text
+    return [*pieces, doc]
 
 
 def psm_ids(prefix: str, middle: str, suffix: str, tok: FimTokenizer) -> list[int]:

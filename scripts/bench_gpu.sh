@@ -7,7 +7,7 @@
 # OUT/STEP.json (the figures) and OUT/STEP.log (progress), so a step that runs long loses only
 # itself. Steps (default: compiled int8 long, 520 s of limits, which fit one 10-minute call; hf
 # takes a second call; each limit includes building 7B random weights and compiling):
-#   graphs    the server's default path (CUDA graphs, no compile): the figures below (limit 100 s)
+#   graphs    the server's default path (CUDA graphs, no compile): compiled's figures (limit 100 s)
 #   compiled  --compile: decode, prefill 1k/4k/16k, first token after an edit      (limit 260 s)
 #   int8      --compile --quant int8: decode against the bf16 figures above         (limit 170 s)
 #   long      a 100,000-token prompt on the server's default path                   (limit 90 s)

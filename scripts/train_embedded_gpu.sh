@@ -9,10 +9,10 @@
 # (the device returns files of at most 16 MiB): `cat OUT/model.tar.part-* | tar -xf - -C DIR`.
 #
 # Knobs, from the environment: BUDGET_SECONDS (training, compilation included; 300), EPOCHS (FIM
-# passes tokenized; 6), MAX_CHARS (documents are cut into pieces of at most this many characters, and
-# each training window starts at a piece, so that a FIM sample is seen whole; 3 x SEQ_LEN characters
-# come to about 0.95 of SEQ_LEN in tokens on average, 98 % of pieces fit), DIM / LAYERS / HEADS (384 / 8 / 6: 20 M parameters, 21 MB as int8, about
-# 150 tokens/s greedy on one CPU core), SEQ_LEN (1024, the window the model will serve), BATCH (32),
+# passes tokenized; 6), MAX_CHARS (documents are cut into pieces of at most this many characters,
+# and each training window starts at a piece, so that a FIM sample is seen whole; 3 x SEQ_LEN
+# characters: 98 % of pieces fit the window), DIM / LAYERS / HEADS (384 / 8 / 6: 20 M parameters,
+# 21 MB as int8, about 170 tokens/s greedy on 2 CPU cores), SEQ_LEN (1024, the window the model will serve), BATCH (32),
 # LR (2e-3), EVAL_LIMIT (all 1,033 tasks), EVAL_SECONDS (the limit of each mode's eval; 150; 0 skips
 # the evals, to run them elsewhere on the returned model).
 set -euo pipefail
