@@ -400,9 +400,53 @@ def run(args: argparse.Namespace) -> dict:
     short = ours["decode_tok_s"]["short"]["median"]
     ours["roofline_pct"] = round(100 * short / roofline, 1)
     report["kernel_model"] = ours
+    if device.type == "cuda":
+        progress("attention alone, by SDPA backend")
+        report["attention_ms_by_backend"] = attention_by_backend(shape, device, dtype, lengths, args.repeats)
     if args.compare_hf:
         report["hf"], report["decode_speedup_vs_hf"] = compare_hf(engine, shape, device, dtype, args, lengths)
     return report
+
+
+ATTENTION_BENCH_MAX = 16_384  # longer prompts run in chunks (fast.PREFILL_CHUNK) anyway
+
+
+def attention_by_backend(shape: ModelArgs, device, dtype, lengths: list[int], repeats: int) -> dict:
+    """One layer's causal attention over a fresh prompt, per SDPA backend (ms, and × layers).
+
+    Prefill leaves the backend to SDPA; these figures say what choosing another would gain.
+    """
+    from functools import partial
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out: dict = {}
+    for length in (n for n in lengths if n <= ATTENTION_BENCH_MAX):
+        q = torch.randn((1, shape.n_heads, length, shape.head_dim), device=device, dtype=dtype)
+        attention = partial(
+            torch.nn.functional.scaled_dot_product_attention, q, q.clone(), q.clone(), is_causal=True
+        )
+        flops = 2 * 2 * shape.n_heads * shape.head_dim * length * length / 2  # causal: half the products
+        by_backend: dict = {}
+        for backend in (
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+        ):
+            try:
+                with sdpa_kernel(backend):
+                    attention()
+                    ms = statistics.median(timed(attention, device)[0] for _ in range(max(repeats, 5)))
+            except RuntimeError as exc:  # this backend does not take these inputs on this device
+                by_backend[backend.name.lower()] = {"error": str(exc).splitlines()[0][:200]}
+                continue
+            by_backend[backend.name.lower()] = {
+                "ms": round(ms, 3),
+                "all_layers_ms": round(ms * shape.n_layers, 2),
+                "tflop_s": round(flops / (ms / 1000) / 1e12, 1),
+            }
+        out[str(length)] = by_backend
+    return out
 
 
 def device_name(device: torch.device) -> str:

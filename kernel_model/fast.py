@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from .model import KVCache, Transformer, check_positions
+from .model import KVCache, ModelArgs, Transformer, check_positions
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,9 @@ class FastLayer(nn.Module):
         self.attention_norm = block.attention_norm.weight.detach()
         self.ffn_norm = block.ffn_norm.weight.detach()
         self.eps = block.attention_norm.eps
+        # What block_halves' two functions take, in their order.
+        self.before_attention = (self.attention_norm, self.wqkv, self.sqkv)
+        self.after_attention = (self.wo, self.so, self.ffn_norm, self.w13, self.s13, self.w2, self.s2)
 
 
 def linear(x: torch.Tensor, matrix: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
@@ -186,9 +189,41 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """RoPE on [B, T, H, D] with Meta's interleaved pairs as complex numbers; freqs: complex [T, D/2]."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * freqs[:, None, :]).flatten(-2).type_as(x)
+    """RoPE on [B, T, H, D] with Meta's interleaved pairs; freqs: complex [T, D/2], or its real view [T, D/2, 2].
+
+    The complex form is one multiply, the fewest kernels eagerly; compiled code takes the real view,
+    since inductor generates no code for complex numbers and fuses the real arithmetic instead.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if freqs.is_complex():
+        return torch.view_as_real(torch.view_as_complex(pairs) * freqs[:, None, :]).flatten(-2).type_as(x)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos, sin = freqs[:, None, :, 0], freqs[:, None, :, 1]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def block_halves(args: ModelArgs) -> tuple[Callable, Callable]:
+    """A block's two halves around its attention, the shape constants bound (compiled code specialises them).
+
+    project(h, freqs, *layer.before_attention) → q, k, v [B, H, T, D], rotated;
+    finish(h, attended [B, T, Hq·D], *layer.after_attention) → the block's output.
+    """
+    hq, hkv, d, eps = args.n_heads, args.n_kv_heads, args.head_dim, args.norm_eps
+
+    def project(h, freqs, norm, wqkv, sqkv):
+        batch, seq_len, _ = h.shape
+        qkv = linear(rms_norm(h, norm, eps), wqkv, sqkv)
+        qk = rotate(qkv[..., : (hq + hkv) * d].view(batch, seq_len, hq + hkv, d), freqs)  # one RoPE for both
+        v = qkv[..., (hq + hkv) * d :].view(batch, seq_len, hkv, d)
+        return qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2), v.transpose(1, 2)
+
+    def finish(h, attended, wo, so, norm, w13, s13, w2, s2):
+        h = h + linear(attended, wo, so)
+        gate, up = linear(rms_norm(h, norm, eps), w13, s13).chunk(2, dim=-1)
+        return h + linear(F.silu(gate) * up, w2, s2)
+
+    return project, finish
 
 
 class RotaryTable:
@@ -201,6 +236,7 @@ class RotaryTable:
     def __init__(self, head_dim: int, theta: float, max_context: int, device: torch.device) -> None:
         self.half, self.theta, self.max_context, self.device = head_dim // 2, theta, max_context, device
         self.table = torch.empty((0, self.half), dtype=torch.complex64, device=device)
+        self.pairs = torch.view_as_real(self.table)  # the same numbers as (cos, sin) pairs [N, D/2, 2]
 
     def reserve(self, end: int) -> torch.Tensor:
         if end > self.table.shape[0]:
@@ -209,10 +245,12 @@ class RotaryTable:
             inv_freq = 1.0 / (self.theta**exponent)
             angles = torch.outer(torch.arange(size, device=self.device, dtype=torch.float64), inv_freq)
             self.table = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+            self.pairs = torch.view_as_real(self.table)
         return self.table
 
-    def __call__(self, start: int, end: int) -> torch.Tensor:
-        return self.reserve(end)[start:end]
+    def __call__(self, start: int, end: int, real: bool = False) -> torch.Tensor:
+        self.reserve(end)
+        return (self.pairs if real else self.table)[start:end]
 
 
 # -- the fast model -------------------------------------------------------------------------------
@@ -221,11 +259,25 @@ class RotaryTable:
 class FastTransformer(nn.Module):
     """The inference view of a loaded Transformer: `forward` as the model's, with fewer, larger ops."""
 
-    def __init__(self, model: Transformer, prefill_chunk: int = PREFILL_CHUNK) -> None:
+    def __init__(
+        self, model: Transformer, prefill_chunk: int = PREFILL_CHUNK, compile: bool | str = False
+    ) -> None:
+        """`compile` (True: inductor, or a torch.compile backend name) compiles a prompt's blocks, once
+        for every length: the norms, RoPE, SwiGLU and residual adds fuse around the matrix products
+        (attention and the cache writes between the two halves stay eager).
+        """
         super().__init__()
         self.model = model
         self.args = model.args
         self.prefill_chunk = prefill_chunk
+        self.halves = block_halves(self.args)
+        self.compiled = bool(compile)
+        self._prefill_halves = self.halves
+        if compile:
+            backend = "inductor" if compile is True else compile
+            self._prefill_halves = tuple(
+                torch.compile(half, backend=backend, dynamic=True, fullgraph=True) for half in self.halves
+            )
         self.layers = nn.ModuleList(FastLayer(block) for block in model.layers)
         self.embedding = model.tok_embeddings.weight.detach()
         self.norm = model.norm.weight.detach()
@@ -276,16 +328,14 @@ class FastTransformer(nn.Module):
         self, tokens: torch.Tensor, start: int, cache: KVCache | None, last_only: bool | None
     ) -> torch.Tensor | None:
         seq_len = tokens.shape[1]
-        freqs = self.rope(start, start + seq_len)
+        freqs = self.rope(start, start + seq_len, real=self.compiled)
+        project, finish = self._prefill_halves
         h = F.embedding(tokens, self.embedding)
         for index, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.attention_norm, layer.eps)
-            q, k, v = self._qkv(layer, x, freqs)
+            q, k, v = project(h, freqs, *layer.before_attention)
             if cache is not None:
                 k, v = cache.update(index, start, k, v)
-            h = h + linear(attend(q, k, v, start), layer.wo, layer.so)
-            x = rms_norm(h, layer.ffn_norm, layer.eps)
-            h = h + self._ffn(layer, x)
+            h = finish(h, attend(q, k, v, start), *layer.after_attention)
         if cache is not None:
             cache.length = start + seq_len
         if last_only is None:
@@ -345,20 +395,6 @@ class FastTransformer(nn.Module):
             views = (cache.k, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
             self._views[cache] = views
         return views[1], views[2]
-
-    @staticmethod
-    def _qkv(layer: FastLayer, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        batch, seq_len, _ = x.shape
-        hq, hkv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
-        qkv = linear(x, layer.wqkv, layer.sqkv)
-        qk = rotate(qkv[..., : (hq + hkv) * d].view(batch, seq_len, hq + hkv, d), freqs)  # one RoPE for both
-        v = qkv[..., (hq + hkv) * d :].view(batch, seq_len, hkv, d)
-        return qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2), v.transpose(1, 2)
-
-    @staticmethod
-    def _ffn(layer: FastLayer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, layer.w13, layer.s13).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, layer.w2, layer.s2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -431,7 +467,11 @@ class FastDecoder:
         self.compiled = bool(compile)
         if compile:
             backend = "inductor" if compile is True else compile
-            self._step = torch.compile(self._static_step, backend=backend, fullgraph=True)
+            # Coordinate-descent tuning lets inductor turn each one-row matrix product into its own
+            # reduction kernel, fusing the int8 → bf16 conversion into it (gpt-fast's recipe); without
+            # it an int8 matrix is first written out whole in bf16, which makes int8 slower than bf16.
+            options = {"coordinate_descent_tuning": True} if backend == "inductor" and cuda else None
+            self._step = torch.compile(self._static_step, backend=backend, fullgraph=True, options=options)
         if self.static:
             # Captured steps read the table by address: it must never be reallocated.
             fast.rope.reserve(fast.args.max_context)
@@ -511,12 +551,12 @@ class FastDecoder:
     ) -> torch.Tensor:
         """token [1, 1] at position [1] (device tensors) → logits [1, V], attending over `span` keys."""
         fast = self.fast
-        freqs = fast.rope.table.index_select(0, position)
+        project, finish = fast.halves
+        freqs = (fast.rope.pairs if self.compiled else fast.rope.table).index_select(0, position)
         visible = (torch.arange(span, device=position.device) <= position).view(1, 1, 1, span)  # keys so far
         h = F.embedding(token, fast.embedding)
         for index, layer in enumerate(fast.layers):
-            x = rms_norm(h, layer.attention_norm, layer.eps)
-            q, k, v = fast._qkv(layer, x, freqs)
+            q, k, v = project(h, freqs, *layer.before_attention)
             # index_put_ on the whole cache, not a copy into a layer's view: compiled, a write
             # through a view becomes a copy of the entire cache per step (measured with inductor).
             layer_at = self._layer_index[index]
@@ -526,9 +566,7 @@ class FastDecoder:
             keys, values = k_cache[index, :, :, :span], v_cache[index, :, :, :span]
             grouped = q.reshape(batch, hkv, layer.n_heads // hkv, d)  # GQA without copying the cache
             out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible)
-            h = h + linear(out.reshape(batch, 1, layer.n_heads * d), layer.wo, layer.so)
-            x = rms_norm(h, layer.ffn_norm, layer.eps)
-            h = h + fast._ffn(layer, x)
+            h = finish(h, out.reshape(batch, 1, layer.n_heads * d), *layer.after_attention)
         return linear(rms_norm(h, fast.norm, fast.args.norm_eps), fast.wout, fast.sout).float()[:, 0]
 
     # -- CUDA graphs --------------------------------------------------------------------------

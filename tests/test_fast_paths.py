@@ -61,10 +61,16 @@ def tokenizer(codellama_tokenizer_file) -> Tokenizer:
 # -- the fast forward -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("compile", [False, "aot_eager"], ids=["eager", "compiled"])
 @pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
-def test_fast_forward_matches_the_plain_forward(kv_heads):
+def test_fast_forward_matches_the_plain_forward(kv_heads, compile):
+    # Compiled, the prompt's blocks take RoPE as real (cos, sin) pairs and one graph serves every
+    # chunk length ("aot_eager": dynamo's trace as inductor would get it, without code generation).
+    torch._dynamo.reset()
     plain = model(shape(kv_heads))
-    fast = FastTransformer(model(shape(kv_heads)), prefill_chunk=48)  # chunks below the prompt size
+    fast = FastTransformer(
+        model(shape(kv_heads)), prefill_chunk=48, compile=compile
+    )  # chunks below the prompt
     ids = torch.tensor([some_ids(130)])
     with torch.inference_mode():
         expected = plain(ids)
@@ -332,3 +338,13 @@ def test_bench_builds_transformers_on_the_same_weights():
     ids = torch.tensor([some_ids(40)])
     with torch.no_grad():
         assert (theirs(ids).logits - ours(ids)).abs().max() <= 1e-4
+
+
+def test_bench_times_attention_by_backend_and_names_the_ones_that_refuse():
+    from kernel_model.bench import attention_by_backend
+
+    # The bench runs it on CUDA only; a CPU has the flash backend and refuses the other two.
+    figures = attention_by_backend(shape(), CPU, torch.float32, [32, 10**6], repeats=1)
+    assert list(figures) == ["32"]  # lengths past one prefill chunk are left out
+    flash, cudnn = figures["32"]["flash_attention"], figures["32"]["cudnn_attention"]
+    assert flash["ms"] > 0 and abs(flash["all_layers_ms"] - 2 * flash["ms"]) < 0.01 and "error" in cudnn
