@@ -13,7 +13,16 @@ import torch
 from kernel_model import CodeLlama, ModelError, SamplingParams, Tokenizer, load_model
 from kernel_model.bench import random_transformer
 from kernel_model.codellama import ROUNDING_FACTOR, STATIC_STEP_FLOOR
-from kernel_model.fast import MIN_BUCKET, FastDecoder, FastTransformer, dequantize, quantize_int8
+from kernel_model.fast import (
+    MIN_BUCKET,
+    FastDecoder,
+    FastTransformer,
+    RotaryTable,
+    cudnn_agrees,
+    dequantize,
+    quantize_int8,
+    rotate,
+)
 from kernel_model.generate import (
     HealingIndex,
     ModelDecoder,
@@ -61,16 +70,10 @@ def tokenizer(codellama_tokenizer_file) -> Tokenizer:
 # -- the fast forward -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compile", [False, "aot_eager"], ids=["eager", "compiled"])
 @pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
-def test_fast_forward_matches_the_plain_forward(kv_heads, compile):
-    # Compiled, the prompt's blocks take RoPE as real (cos, sin) pairs and one graph serves every
-    # chunk length ("aot_eager": dynamo's trace as inductor would get it, without code generation).
-    torch._dynamo.reset()
+def test_fast_forward_matches_the_plain_forward(kv_heads):
     plain = model(shape(kv_heads))
-    fast = FastTransformer(
-        model(shape(kv_heads)), prefill_chunk=48, compile=compile
-    )  # chunks below the prompt
+    fast = FastTransformer(model(shape(kv_heads)), prefill_chunk=48)  # chunks below the prompt size
     ids = torch.tensor([some_ids(130)])
     with torch.inference_mode():
         expected = plain(ids)
@@ -82,6 +85,14 @@ def test_fast_forward_matches_the_plain_forward(kv_heads, compile):
         assert (torch.cat(chunks, dim=1) - expected).abs().max() <= 1e-5
         last = fast(ids[:, :77], 0, fast.model.new_cache(), last_only=True)
         assert last.shape == (1, 1, 32016) and (last[0, 0] - expected[0, 76]).abs().max() <= 1e-5
+
+
+def test_rope_rotates_alike_by_complex_table_and_by_its_real_pairs():
+    # Eager code multiplies complex numbers (one kernel); compiled code takes the real view.
+    table = RotaryTable(head_dim=16, theta=1e6, max_context=64, device=CPU)
+    x = torch.randn(1, 40, 3, 16)
+    by_complex, by_pairs = rotate(x, table(10, 50)), rotate(x, table.pairs[10:50])
+    assert (by_complex - by_pairs).abs().max() <= 1e-6 and (by_complex - x).abs().max() > 0.1
 
 
 def test_fusing_keeps_the_state_dict_and_the_plain_forward():
@@ -348,3 +359,8 @@ def test_bench_times_attention_by_backend_and_names_the_ones_that_refuse():
     assert list(figures) == ["32"]  # lengths past one prefill chunk are left out
     flash, cudnn = figures["32"]["flash_attention"], figures["32"]["cudnn_attention"]
     assert flash["ms"] > 0 and abs(flash["all_layers_ms"] - 2 * flash["ms"]) < 0.01 and "error" in cudnn
+
+
+def test_prompts_keep_the_default_attention_where_cudnn_cannot_run():
+    # On a GPU the trial decides; here cuDNN's attention refuses, so the trial says no.
+    assert not cudnn_agrees(CPU, torch.bfloat16, heads=4, head_dim=16)
