@@ -63,6 +63,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; median, min and max reported")
     p.add_argument("--compare-hf", action="store_true", help="the same figures for HF transformers")
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also list the kernels a short-context decode spends its time in",
+    )
+    p.add_argument(
         "--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is steadiest on a busy machine"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -400,12 +405,55 @@ def run(args: argparse.Namespace) -> dict:
     short = ours["decode_tok_s"]["short"]["median"]
     ours["roofline_pct"] = round(100 * short / roofline, 1)
     report["kernel_model"] = ours
+    if args.profile:
+        progress("profiling a short-context decode")
+        report["decode_profile"] = profile_decode(engine_runner(engine, device), engine.tokenizer, args)
     if device.type == "cuda":
         progress("attention alone, by SDPA backend")
         report["attention_ms_by_backend"] = attention_by_backend(shape, device, dtype, lengths, args.repeats)
     if args.compare_hf:
         report["hf"], report["decode_speedup_vs_hf"] = compare_hf(engine, shape, device, dtype, args, lengths)
     return report
+
+
+PROFILE_TOP = 25  # kernels listed by --profile
+
+
+def profile_decode(runner: Runner, tokenizer, args: argparse.Namespace) -> dict:
+    """The ops (on a GPU: kernels) a short-context greedy decode spends its time in, per token.
+
+    Device time on CUDA, the ops' own CPU time otherwise; CUDA-graph replays are traced kernel by
+    kernel. Names tell what fused: inductor's kernels are named after the ops inside them.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = runner.device.type == "cuda"
+    ids = prompt_ids(tokenizer, SHORT_PROMPT, args.seed)
+    runner.generate(ids, args.new_tokens, True)  # warm-up
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as trace:
+        runner.generate(ids, args.new_tokens, True)
+    sync(runner.device)
+    events = [
+        e for e in trace.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0
+    ]
+    events.sort(key=lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events)
+    per_token = 1000 * args.new_tokens  # microseconds → ms per token
+    return {
+        "clock": "device" if cuda else "cpu",
+        "ms_per_token": round(total_us / per_token, 3),
+        "top": [
+            {
+                "name": e.key[:160],
+                "calls_per_token": round(e.count / args.new_tokens, 1),
+                "ms_per_token": round(
+                    (e.self_device_time_total if cuda else e.self_cpu_time_total) / per_token, 4
+                ),
+            }
+            for e in events[:PROFILE_TOP]
+        ],
+    }
 
 
 ATTENTION_BENCH_MAX = 16_384  # longer prompts run in chunks (fast.PREFILL_CHUNK) anyway

@@ -8,6 +8,7 @@
 # itself. Steps (default: compiled int8 long, 520 s of limits, which fit one 10-minute call; hf
 # takes a second call; each limit includes building 7B random weights and compiling):
 #   graphs    the server's default path (CUDA graphs, no compile): compiled's figures (limit 100 s)
+#             (graphs, compiled and int8 also list a decode's kernels: --profile)
 #   compiled  --compile: decode, prefill 1k/4k/16k, first token after an edit      (limit 260 s)
 #   int8      --compile --quant int8: decode against the bf16 figures above         (limit 170 s)
 #   long      a 100,000-token prompt on the server's default path                   (limit 90 s)
@@ -45,9 +46,9 @@ step() {
 
 for name in "${steps[@]}"; do
     case $name in
-        graphs) step graphs 100 --prompt-tokens 1024,4096,16384 --repeats 3 ;;
-        compiled) step compiled 260 --compile --prompt-tokens 1024,4096,16384 --repeats 3 ;;
-        int8) step int8 170 --compile --quant int8 --prompt-tokens 4096 --repeats 3 ;;
+        graphs) step graphs 100 --prompt-tokens 1024,4096,16384 --repeats 3 --profile ;;
+        compiled) step compiled 260 --compile --prompt-tokens 1024,4096,16384 --repeats 3 --profile ;;
+        int8) step int8 170 --compile --quant int8 --prompt-tokens 4096 --repeats 3 --profile ;;
         long) step long 90 --prompt-tokens 100000 --new-tokens 16 --repeats 1 ;;
         hf) step hf 300 --compile --compare-hf --prompt-tokens 4096 --repeats 2 ;;
     esac

@@ -324,7 +324,7 @@ def test_bench_prints_one_json_object(codellama_tokenizer_file):
     result = subprocess.run(
         [sys.executable, "-m", "kernel_model", "bench", "--shape", "tiny", "--layers", "1",
          "--tokenizer", str(codellama_tokenizer_file), "--prompt-tokens", "24", "--long-context", "40",
-         "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--compare-hf"],
+         "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--compare-hf", "--profile"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -333,6 +333,9 @@ def test_bench_prints_one_json_object(codellama_tokenizer_file):
     assert set(ours["decode_tok_s"]) == {"short", "40"} and set(ours["prefill_ms"]) == {"24"}
     assert {"cold", "after_edit"} <= set(ours["ttft_ms"]["24"])
     assert report["roofline_tok_s"] > 0 and report["copy_bandwidth_gb_s"] > 0
+    profile = report["decode_profile"]
+    assert profile["clock"] == "cpu" and profile["ms_per_token"] > 0
+    assert any(op["name"] == "aten::mm" for op in profile["top"])  # the matrix products are there
     assert set(report["hf"]) == {"static_cache", "eager"}
     assert "error" not in report["hf"]["eager"], report["hf"]["eager"]
     assert report["decode_speedup_vs_hf"]["eager"]["wall"]["runs"] >= 3
