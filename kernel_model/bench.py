@@ -462,7 +462,9 @@ ATTENTION_BENCH_MAX = 16_384  # longer prompts run in chunks (fast.PREFILL_CHUNK
 def attention_by_backend(shape: ModelArgs, device, dtype, lengths: list[int], repeats: int) -> dict:
     """One layer's causal attention over a fresh prompt, per SDPA backend (ms, and × layers).
 
-    Prefill leaves the backend to SDPA; these figures say what choosing another would gain.
+    Prefill leaves the backend to SDPA; these figures say what choosing another would gain, and
+    what its first call at a length not seen before costs (cuDNN builds an execution graph per
+    shape unless TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1; a notebook's prompts change length all the time).
     """
     from functools import partial
 
@@ -483,13 +485,14 @@ def attention_by_backend(shape: ModelArgs, device, dtype, lengths: list[int], re
         ):
             try:
                 with sdpa_kernel(backend):
-                    attention()
+                    first_ms = timed(attention, device)[0]  # cuDNN builds a graph per new length
                     ms = statistics.median(timed(attention, device)[0] for _ in range(max(repeats, 5)))
             except RuntimeError as exc:  # this backend does not take these inputs on this device
                 by_backend[backend.name.lower()] = {"error": str(exc).splitlines()[0][:200]}
                 continue
             by_backend[backend.name.lower()] = {
                 "ms": round(ms, 3),
+                "first_call_ms": round(first_ms, 3),
                 "all_layers_ms": round(ms * shape.n_layers, 2),
                 "tflop_s": round(flops / (ms / 1000) / 1e12, 1),
             }

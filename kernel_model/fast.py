@@ -17,16 +17,13 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from .model import KVCache, ModelArgs, Transformer, check_positions
 
 log = logging.getLogger(__name__)
 
-# Longer prompts run in chunks: bounded activations, and no [T, S] mask ever built. A 16k notebook
-# fits one chunk, so all of it goes through fresh_prompt_attention.
-PREFILL_CHUNK = 16_384
+PREFILL_CHUNK = 8192  # longer prompts run in chunks: bounded activations, and no [T, S] mask ever built
 MIN_BUCKET = 256  # the smallest key span a captured decode step attends over
 MAX_GRAPHS = 48  # captured decode steps kept (slots x buckets); older ones are dropped first
 
@@ -399,69 +396,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
     if start == 0:
-        out = fresh_prompt_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         # A chunk continuing the cache: causal aligned to the last key, which flash attention
         # runs without building a [T, S] mask.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(seq_len, k.shape[2]))
     return out.transpose(1, 2).reshape(batch, seq_len, hq * d)
-
-
-# SDPA tries cuDNN's attention last; for a fresh prompt on an H200 it ran 1.8x flash's speed at 4k
-# tokens and 1.9x at 16k (BENCHMARKS.md), so prompts ask for it first, on each device where a
-# trial shows it runs and gives the default backend's answer.
-CUDNN_FIRST = [
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
-CUDNN_TOLERANCE = 0.02  # relative; two correct bf16 attentions (CPU flash, math) differ by 0.002
-_cudnn_trusted: dict[tuple, bool] = {}
-
-
-def fresh_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of a prompt starting at position 0, by the fastest backend that agrees."""
-    setting = (q.device, q.dtype, q.shape[1], q.shape[-1])
-    if q.device.type == "cuda" and cudnn_agrees(*setting):
-        try:
-            with sdpa_kernel(CUDNN_FIRST, set_priority=True):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        except RuntimeError as exc:  # inputs the trial did not foresee: never again on this setting
-            _cudnn_trusted[setting] = False
-            log.warning("cuDNN attention failed (%s); prompts use SDPA's default backend", exc)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
-def cudnn_agrees(
-    device: torch.device, dtype: torch.dtype, heads: int, head_dim: int, length: int = 300
-) -> bool:
-    """Whether cuDNN's causal attention runs here and matches SDPA's default; tried once per setting.
-
-    The trial's tensors are laid out as a prompt's are: queries a view into the fused projection's
-    output, keys and values views into a longer cache.
-    """
-    setting = (device, dtype, heads, head_dim)
-    if setting not in _cudnn_trusted:
-        generator = torch.Generator(device=device).manual_seed(0)
-        projected = torch.randn(
-            (1, length, 2 * heads, head_dim), device=device, dtype=dtype, generator=generator
-        )
-        cached = torch.randn(
-            (2, 1, heads, 2 * length, head_dim), device=device, dtype=dtype, generator=generator
-        )
-        q, k, v = projected[:, :, :heads].transpose(1, 2), cached[0, :, :, :length], cached[1, :, :, :length]
-        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        try:
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                got = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        except RuntimeError:  # no cuDNN attention for these inputs on this device
-            _cudnn_trusted[setting] = False
-        else:
-            _cudnn_trusted[setting] = relative_distance(got, expected) <= CUDNN_TOLERANCE
-        if not _cudnn_trusted[setting]:
-            log.info("prompts attend with SDPA's default backend: cuDNN's is unavailable or disagrees")
-    return _cudnn_trusted[setting]
 
 
 # -- decoding -------------------------------------------------------------------------------------

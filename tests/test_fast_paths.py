@@ -18,7 +18,6 @@ from kernel_model.fast import (
     FastDecoder,
     FastTransformer,
     RotaryTable,
-    cudnn_agrees,
     dequantize,
     quantize_int8,
     rotate,
@@ -362,8 +361,3 @@ def test_bench_times_attention_by_backend_and_names_the_ones_that_refuse():
     assert list(figures) == ["32"]  # lengths past one prefill chunk are left out
     flash, cudnn = figures["32"]["flash_attention"], figures["32"]["cudnn_attention"]
     assert flash["ms"] > 0 and abs(flash["all_layers_ms"] - 2 * flash["ms"]) < 0.01 and "error" in cudnn
-
-
-def test_prompts_keep_the_default_attention_where_cudnn_cannot_run():
-    # On a GPU the trial decides; here cuDNN's attention refuses, so the trial says no.
-    assert not cudnn_agrees(CPU, torch.bfloat16, heads=4, head_dim=16)
