@@ -176,9 +176,7 @@ class CodeLlama:
             # Eagerly, each step converts every int8 matrix to bf16 in memory: slower than bf16.
             log.warning("int8 weights decode fast only compiled (compile=True), where the conversion fuses")
         return FastDecoder(
-            FastTransformer(self.model),
-            graphs=cuda if graphs is None else graphs,
-            compile=compile,
+            FastTransformer(self.model), graphs=cuda if graphs is None else graphs, compile=compile
         )
 
     def warmup(self) -> None:

@@ -204,7 +204,7 @@ def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 def block_halves(args: ModelArgs) -> tuple[Callable, Callable]:
-    """A block's two halves around its attention, the shape constants bound (compiled code specialises them).
+    """A block's two halves around its attention, shared by prompts and the static decode step.
 
     project(h, freqs, *layer.before_attention) → q, k, v [B, H, T, D], rotated;
     finish(h, attended [B, T, Hq·D], *layer.after_attention) → the block's output.
@@ -453,9 +453,10 @@ class FastDecoder:
         self.compiled = bool(compile)
         if compile:
             backend = "inductor" if compile is True else compile
-            # Coordinate-descent tuning lets inductor turn each one-row matrix product into its own
-            # reduction kernel, fusing the int8 → bf16 conversion into it (gpt-fast's recipe); without
-            # it an int8 matrix is first written out whole in bf16, which makes int8 slower than bf16.
+            # Only with coordinate-descent tuning does inductor turn a one-row matrix product into a
+            # reduction of its own, which can read int8 weights as they are (gpt-fast's recipe; else
+            # the int8 matrix is converted whole first). On an H200 bf16 decoded at 220-239 tok/s
+            # this way; int8 still at 0.8x bf16 (BENCHMARKS.md).
             options = {"coordinate_descent_tuning": True} if backend == "inductor" and cuda else None
             self._step = torch.compile(self._static_step, backend=backend, fullgraph=True, options=options)
         if self.static:
