@@ -420,11 +420,14 @@ PROFILE_TOP = 25  # kernels listed by --profile
 
 
 def profile_decode(runner: Runner, tokenizer, args: argparse.Namespace) -> dict:
-    """The ops (on a GPU: kernels) a short-context greedy decode spends its time in, per token.
+    """The ops (on a GPU: kernels) a short-context greedy generation spends its time in, per new token.
 
-    Device time on CUDA, the ops' own CPU time otherwise; CUDA-graph replays are traced kernel by
-    kernel. Names tell what fused: inductor's kernels are named after the ops inside them.
+    On CUDA the device time of kernels only (an op that launched a kernel, or a marker around one,
+    reports the same time again), CUDA-graph replays traced kernel by kernel; otherwise the ops'
+    own CPU time. The 16-token prompt's prefill is inside, a small share against `--new-tokens`
+    steps. Names tell what fused: inductor's kernels are named after the ops inside them.
     """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = runner.device.type == "cuda"
@@ -434,22 +437,23 @@ def profile_decode(runner: Runner, tokenizer, args: argparse.Namespace) -> dict:
     with profile(activities=activities) as trace:
         runner.generate(ids, args.new_tokens, True)
     sync(runner.device)
-    events = [
-        e for e in trace.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0
-    ]
-    events.sort(key=lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total, reverse=True)
-    total_us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events)
-    per_token = 1000 * args.new_tokens  # microseconds → ms per token
+
+    def own_time(event) -> float:  # microseconds
+        if not cuda:
+            return event.self_cpu_time_total
+        kernel = event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+        return event.self_device_time_total if kernel else 0.0
+
+    events = sorted((e for e in trace.key_averages() if own_time(e) > 0), key=own_time, reverse=True)
+    per_token = 1000 * args.new_tokens  # microseconds → ms per new token
     return {
         "clock": "device" if cuda else "cpu",
-        "ms_per_token": round(total_us / per_token, 3),
+        "ms_per_token": round(sum(own_time(e) for e in events) / per_token, 3),
         "top": [
             {
                 "name": e.key[:160],
                 "calls_per_token": round(e.count / args.new_tokens, 1),
-                "ms_per_token": round(
-                    (e.self_device_time_total if cuda else e.self_cpu_time_total) / per_token, 4
-                ),
+                "ms_per_token": round(own_time(e) / per_token, 4),
             }
             for e in events[:PROFILE_TOP]
         ],
@@ -488,7 +492,9 @@ def attention_by_backend(shape: ModelArgs, device, dtype, lengths: list[int], re
                     first_ms = timed(attention, device)[0]  # cuDNN builds a graph per new length
                     ms = statistics.median(timed(attention, device)[0] for _ in range(max(repeats, 5)))
             except RuntimeError as exc:  # this backend does not take these inputs on this device
-                by_backend[backend.name.lower()] = {"error": str(exc).splitlines()[0][:200]}
+                by_backend[backend.name.lower()] = {
+                    "error": (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                }
                 continue
             by_backend[backend.name.lower()] = {
                 "ms": round(ms, 3),
