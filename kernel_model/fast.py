@@ -159,8 +159,7 @@ class FastLayer(nn.Module):
             self.register_buffer(f"s{name}", scales, persistent=False)
         self.attention_norm = block.attention_norm.weight.detach()
         self.ffn_norm = block.ffn_norm.weight.detach()
-        self.eps = block.attention_norm.eps
-        # What block_halves' two functions take, in their order.
+        # What block_halves' two functions take, in their order (FastTransformer._plan joins them).
         self.before_attention = (self.attention_norm, self.wqkv, self.sqkv)
         self.after_attention = (self.wo, self.so, self.ffn_norm, self.w13, self.s13, self.w2, self.s2)
 
@@ -270,12 +269,8 @@ class FastTransformer(nn.Module):
         vocab, dim = model.output.weight.shape
         self.wout, self.sout = _fuse([model.output], transposes(self.embedding.device, vocab, dim))
         self.rope = RotaryTable(self.args.head_dim, self.args.rope_theta, self.args.max_context, self.device)
-        # The same tensors as the layers' buffers, as tuples: the one-token path reads them per op.
-        self._plan = [
-            (layer.attention_norm, layer.ffn_norm, layer.eps, layer.wqkv, layer.sqkv, layer.wo, layer.so,
-             layer.w13, layer.s13, layer.w2, layer.s2, layer.n_heads, layer.n_kv_heads, layer.head_dim)
-            for layer in self.layers
-        ]  # fmt: skip
+        # Each layer's weights as one plain tuple: the one-token path reads them per op.
+        self._plan = [(*layer.before_attention, *layer.after_attention) for layer in self.layers]
         self._views: weakref.WeakKeyDictionary[KVCache, tuple] = weakref.WeakKeyDictionary()
 
     @property
@@ -345,8 +340,9 @@ class FastTransformer(nn.Module):
             h = F.embedding(token.view(1), self.embedding)
         exact = self.dtype == torch.float32  # no float32 round trip for RoPE
         keys_by_layer, values_by_layer = self._layer_views(cache)
+        hq, hkv, d, eps = self.args.n_heads, self.args.n_kv_heads, self.args.head_dim, self.args.norm_eps
         for plan, keys, values in zip(self._plan, keys_by_layer, values_by_layer, strict=True):
-            attention_norm, ffn_norm, eps, wqkv, sqkv, wo, so, w13, s13, w2, s2, hq, hkv, d = plan
+            attention_norm, wqkv, sqkv, wo, so, ffn_norm, w13, s13, w2, s2 = plan
             x = rms_norm(h, attention_norm, eps)
             qkv = linear(x, wqkv, sqkv)
             qk = qkv[0, : (hq + hkv) * d]
