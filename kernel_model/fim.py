@@ -58,6 +58,21 @@ def split_document(doc: str, rng: random.Random) -> tuple[str, str, str]:
     return doc[:a], doc[a:b], doc[b:]
 
 
+def split_at_lines(doc: str, rng: random.Random) -> tuple[str, str, str]:
+    """Prefix, middle, suffix at two line starts drawn uniformly (the document's ends count as line starts).
+
+    Character-level splits start a middle at a line start only about once in a line's length, yet
+    that is where an editor's cursor sits after Enter (token healing then cuts the indentation the
+    editor typed, so the model writes it again) and what HumanEval's single-line infilling masks.
+    A model trained on character splits alone gets the first token there wrong in PSM, where the
+    indentation already typed sits a whole suffix away: on 148 of HumanEval's masked lines the
+    GPU-trained embedded model's loss on that token was 4.6 nats in PSM against 0.35 in SPM.
+    """
+    starts = [0, *(i + 1 for i, c in enumerate(doc) if c == "\n" and i + 1 < len(doc)), len(doc)]
+    a, b = sorted((rng.choice(starts), rng.choice(starts)))
+    return doc[:a], doc[a:b], doc[b:]
+
+
 def window_pieces(doc: str, rng: random.Random, max_chars: int) -> list[str]:
     """`doc` cut at line ends into pieces of at most `max_chars` characters; a document that fits stays whole.
 
@@ -116,12 +131,19 @@ def _fim(token: int | None) -> int:
 
 
 def fim_transform(
-    doc: str, tok: FimTokenizer, rng: random.Random, fim_rate: float = 0.9, spm_rate: float = 0.5
+    doc: str,
+    tok: FimTokenizer,
+    rng: random.Random,
+    fim_rate: float = 0.9,
+    spm_rate: float = 0.5,
+    line_rate: float = 0.0,
 ) -> FimSample:
-    """Code Llama's training transform for one document."""
+    """Code Llama's training transform for one document; `line_rate` of FIM samples split at line starts."""
     if rng.random() >= fim_rate:
         return FimSample("plain", tok.encode(doc, bos=True, eos=True))
-    prefix, middle, suffix = split_document(doc, rng)
+    # Drawn only when asked, so that line_rate 0 leaves every earlier token file's draws as they were.
+    at_lines = line_rate > 0 and rng.random() < line_rate
+    prefix, middle, suffix = (split_at_lines if at_lines else split_document)(doc, rng)
     split = (len(prefix), len(middle))
     if rng.random() < spm_rate:
         return FimSample("spm", spm_ids(prefix, middle, suffix, tok), split)
@@ -155,9 +177,18 @@ _WORKER: dict = {}
 
 
 def _init_worker(
-    tok: FimTokenizer, seed: int, fim_rate: float, spm_rate: float, dtype: np.dtype, max_chars: int
+    tok: FimTokenizer,
+    seed: int,
+    fim_rate: float,
+    spm_rate: float,
+    line_rate: float,
+    dtype: np.dtype,
+    max_chars: int,
 ) -> None:
-    _WORKER.update(tok=tok, seed=seed, fim_rate=fim_rate, spm_rate=spm_rate, dtype=dtype, max_chars=max_chars)
+    _WORKER.update(
+        tok=tok, seed=seed, fim_rate=fim_rate, spm_rate=spm_rate, line_rate=line_rate, dtype=dtype,
+        max_chars=max_chars,
+    )  # fmt: skip
 
 
 def _transform_batch(batch: list[tuple[int, int, str]]) -> list[tuple[str, int, bytes]]:
@@ -167,7 +198,9 @@ def _transform_batch(batch: list[tuple[int, int, str]]) -> list[tuple[str, int, 
         rng = document_rng(_WORKER["seed"], epoch, index)
         pieces = window_pieces(doc, rng, _WORKER["max_chars"]) if _WORKER["max_chars"] else [doc]
         for piece in pieces:
-            sample = fim_transform(piece, _WORKER["tok"], rng, _WORKER["fim_rate"], _WORKER["spm_rate"])
+            sample = fim_transform(
+                piece, _WORKER["tok"], rng, _WORKER["fim_rate"], _WORKER["spm_rate"], _WORKER["line_rate"]
+            )
             ids = np.asarray(sample.ids, dtype=_WORKER["dtype"])
             out.append((sample.mode, len(sample.ids), ids.tobytes()))
     return out
@@ -182,6 +215,7 @@ def tokenize_corpus(
     seed: int = 0,
     fim_rate: float = 0.9,
     spm_rate: float = 0.5,
+    line_rate: float = 0.0,
     epochs: int = 1,
     max_chars: int = 0,
     workers: int = 1,
@@ -202,7 +236,7 @@ def tokenize_corpus(
     counts = {"plain": 0, "psm": 0, "spm": 0}
     total = 0
     t0 = time.monotonic()
-    init_args = (tok, seed, fim_rate, spm_rate, dtype, max_chars)
+    init_args = (tok, seed, fim_rate, spm_rate, line_rate, dtype, max_chars)
     items = (
         (epoch, index, doc) for epoch in range(epochs) for index, doc in enumerate(iter_documents(corpus))
     )
@@ -231,6 +265,7 @@ def tokenize_corpus(
         "seed": seed,
         "fim_rate": fim_rate,
         "spm_rate": spm_rate,
+        "line_rate": line_rate,
         "epochs": epochs,
         "max_chars": max_chars,
         "corpus": str(corpus),
@@ -304,6 +339,7 @@ def _cmd_tokenize_corpus(args: argparse.Namespace) -> int:
         seed=args.seed,
         fim_rate=args.fim_rate,
         spm_rate=args.spm_rate,
+        line_rate=args.line_rate,
         epochs=args.epochs,
         max_chars=args.max_chars,
         workers=args.workers or os.cpu_count() or 1,
@@ -332,6 +368,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fim-rate", type=float, default=0.9)
     p.add_argument("--spm-rate", type=float, default=0.5)
+    p.add_argument(
+        "--line-rate",
+        type=float,
+        default=0.0,
+        help="share of FIM samples split at line starts rather than at any character (0: Code Llama's recipe)",
+    )
     p.add_argument("--epochs", type=int, default=1, help="passes, each with fresh FIM draws")
     p.add_argument(
         "--max-chars",

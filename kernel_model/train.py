@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import write_meta
+from .checkpoint import load_transformer, write_meta
 from .model import ModelArgs, Transformer, count_parameters
 from .tokenizer import Tokenizer
 
@@ -58,6 +58,7 @@ class TrainConfig:
     export_int8: bool = False  # int8 matrices: a model twice the size fits the same bytes
     budget_seconds: float = 0.0  # choose `steps` so the run ends within this, from its measured step rate
     align_windows: bool = False  # a window starts at every sample (fim.batches): whole FIM samples
+    init_from: str = ""  # a checkpoint folder (or "embedded") of this shape to continue from; "": random
 
 
 # A budgeted run times steps after the first few (compilation, allocator warm-up) and before the
@@ -115,7 +116,10 @@ def train(
         vocab_size=tokenizer.vocab_size, multiple_of=32, max_context=max(cfg.seq_len, 4096),
     )  # fmt: skip
     model = Transformer(args).to(device)
-    init_weights(model, args)
+    if cfg.init_from:
+        load_weights(model, cfg.init_from, tokenizer.vocab_size)
+    else:
+        init_weights(model, args)
     optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
     step = 0
     fitting = bool(cfg.budget_seconds)  # until the step count is fitted to the budget
@@ -201,6 +205,22 @@ def init_weights(model: Transformer, args: ModelArgs) -> None:
             continue
         std = 0.02 / math.sqrt(2 * args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
         torch.nn.init.normal_(parameter, mean=0.0, std=std)
+
+
+def load_weights(model: Transformer, checkpoint: str, vocab_size: int) -> None:
+    """Start from a trained model's weights (int8 ones dequantized), which must have `model`'s shape."""
+    from .codellama import EMBEDDED_PATH  # the serving side is only needed here
+
+    folder = EMBEDDED_PATH if checkpoint == "embedded" else Path(checkpoint)
+    trained, _ = load_transformer(folder, vocab_size, torch.device("cpu"), torch.float32, None)
+    ours, theirs = model.args, trained.args
+    shape = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "rope_theta")
+    if any(getattr(ours, name) != getattr(theirs, name) for name in shape):
+        raise SystemExit(
+            f"{folder} has another shape than this run: "
+            + ", ".join(f"{name} {getattr(theirs, name)} vs {getattr(ours, name)}" for name in shape)
+        )
+    model.load_state_dict(trained.state_dict())
 
 
 def save_state(

@@ -11,10 +11,12 @@
 # Knobs, from the environment: BUDGET_SECONDS (training, compilation included; 300), EPOCHS (FIM
 # passes tokenized; 6), MAX_CHARS (documents are cut into pieces of at most this many characters,
 # and each training window starts at a piece, so that a FIM sample is seen whole; 3 x SEQ_LEN
-# characters: 98 % of pieces fit the window), DIM / LAYERS / HEADS (384 / 8 / 6: 20 M parameters,
-# 21 MB as int8, about 170 tokens/s greedy on 2 CPU cores), SEQ_LEN (1024, the window the model will serve), BATCH (32),
-# LR (2e-3), EVAL_LIMIT (all 1,033 tasks), EVAL_SECONDS (the limit of each mode's eval; 150; 0 skips
-# the evals, to run them elsewhere on the returned model).
+# characters: 98 % of pieces fit the window), LINE_RATE (the share of FIM samples split at line
+# starts; 0, Code Llama's recipe), DIM / LAYERS / HEADS (384 / 8 / 6: 20 M parameters, 21 MB as
+# int8, about 170 tokens/s greedy on 2 CPU cores), SEQ_LEN (1024, the window the model will serve),
+# BATCH (32), LR (2e-3), INIT_FROM (a model of the same shape to continue training, e.g. embedded;
+# default: random weights), EVAL_LIMIT (all 1,033 tasks), EVAL_SECONDS (the limit of each mode's
+# eval; 150; 0 skips the evals, to run them elsewhere on the returned model).
 set -euo pipefail
 
 if [ $# -ne 3 ]; then
@@ -32,13 +34,15 @@ export PYTHONUNBUFFERED=1
 python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
     "$corpus" "$work/corpus.txt"
 python3 -m kernel_model tokenize-corpus "$work/corpus.txt" --tokenizer "$tokenizer" \
-    --out "$work/tokens.bin" --epochs "${EPOCHS:-6}" --max-chars "${MAX_CHARS:-$((3 * ${SEQ_LEN:-1024}))}"
+    --out "$work/tokens.bin" --epochs "${EPOCHS:-6}" --max-chars "${MAX_CHARS:-$((3 * ${SEQ_LEN:-1024}))}" \
+    --line-rate "${LINE_RATE:-0}"
 lr=${LR:-2e-3}
 python3 -m kernel_model.train --tokens "$work/tokens.bin" --tokenizer "$tokenizer" --out "$work/run" \
     --dim "${DIM:-384}" --layers "${LAYERS:-8}" --heads "${HEADS:-6}" --seq-len "${SEQ_LEN:-1024}" \
     --batch-size "${BATCH:-32}" --learning-rate "$lr" --min-learning-rate "$(python3 -c "print($lr / 10)")" \
     --warmup-steps 200 --budget-seconds "${BUDGET_SECONDS:-300}" --log-every 50 --save-every 1000000 --align-windows \
     --export-int8 $([ "$(python3 -c 'import torch; print(torch.cuda.is_available())')" = True ] && echo --compile) \
+    ${INIT_FROM:+--init-from "$INIT_FROM"} \
     2>&1 | tee "$out/train.log"
 # The model comes back first: the evals after it may outrun the call's time.
 cp "$work/run/log.jsonl" "$work/run/config.json" "$out/"

@@ -156,6 +156,32 @@ def test_split_points_are_uniform_characters() -> None:
     assert min(starts) == 0 and max(starts) >= 95
 
 
+def test_line_splits_fall_on_line_starts_uniformly() -> None:
+    rng = random.Random(4)
+    lines = [f"    value_{i} = {i}\n" for i in range(20)]
+    doc = "".join(lines)
+    starts = [sum(len(line) for line in lines[:k]) for k in range(21)]
+    draws = [fim.split_at_lines(doc, rng) for _ in range(20000)]
+    assert all("".join(d) == doc and len(d[0]) in starts and len(d[0]) + len(d[1]) in starts for d in draws)
+    # As with characters, the prefix ends at the smaller of two uniform draws, here over 21 line starts.
+    share = sum(len(d[0]) <= starts[10] for d in draws) / len(draws)
+    assert abs(share - (1 - (10 / 21) ** 2)) < 0.02
+
+
+def test_line_rate_splits_that_share_of_fim_samples_at_line_starts(tok: Tokenizer) -> None:
+    doc = "def f(x):\n    return x + 1\n\nprint(f(2))\n"
+    starts = {0, 10, 27, 28, len(doc)}
+    samples = [fim.fim_transform(doc, tok, fim.document_rng(2, 0, i), line_rate=0.5) for i in range(2000)]
+    split = [s.split for s in samples if s.split is not None]
+    at_lines = sum(a in starts and a + b in starts for a, b in split) / len(split)
+    # Half are line splits, and a character split lands on two line starts by chance ~ (5/43)^2.
+    assert 0.45 <= at_lines <= 0.57
+    # Without a line rate the draws are exactly Code Llama's, as before the option existed.
+    for i in range(50):
+        recipe = fim.fim_transform(doc, tok, fim.document_rng(2, 0, i))
+        assert fim.fim_transform(doc, tok, fim.document_rng(2, 0, i), line_rate=0) == recipe
+
+
 def test_reproducible_from_seed(tok: Tokenizer) -> None:
     doc = DOCS[1]
 

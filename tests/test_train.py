@@ -73,6 +73,26 @@ def test_a_run_resumes_where_it_stopped(tmp_path, codellama_tokenizer_file):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_run_continues_from_a_trained_model(tmp_path, codellama_tokenizer_file):
+    cfg = TrainConfig(dim=32, layers=1, heads=2, seq_len=32, batch_size=2, steps=12, warmup_steps=2,
+                      learning_rate=1e-2, log_every=1, save_every=100, export_int8=True)  # fmt: skip
+    first = train(cfg, lambda start: repeating_batches(32016, 32, 2), codellama_tokenizer_file,
+                  tmp_path / "first", torch.device("cpu"))  # fmt: skip
+    continued = TrainConfig(**{**cfg.__dict__, "steps": 1, "init_from": str(first)})
+    train(continued, lambda start: repeating_batches(32016, 32, 2), codellama_tokenizer_file,
+          tmp_path / "second", torch.device("cpu"))  # fmt: skip
+
+    def losses(run: str) -> list[float]:
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+
+    # The second run starts where the first ended (int8 rounding aside), not from a random start.
+    assert abs(losses("second")[0] - losses("first")[-1]) < 0.2 < losses("first")[0] - losses("first")[-1]
+    wider = TrainConfig(**{**continued.__dict__, "dim": 64})
+    with pytest.raises(SystemExit, match="dim 32 vs 64"):
+        train(wider, lambda start: repeating_batches(32016, 32, 2), codellama_tokenizer_file,
+              tmp_path / "third", torch.device("cpu"))  # fmt: skip
+
+
 def test_a_budgeted_run_fits_its_steps_and_resumes_them(tmp_path, codellama_tokenizer_file, monkeypatch):
     monkeypatch.setattr(train_module, "BUDGET_SKIP_STEPS", 2)  # fit early: the test need not wait for it
     monkeypatch.setattr(train_module, "BUDGET_TIMED_STEPS", 5)
