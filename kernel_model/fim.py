@@ -64,9 +64,9 @@ def split_at_lines(doc: str, rng: random.Random) -> tuple[str, str, str]:
     Character-level splits start a middle at a line start only about once in a line's length, yet
     that is where an editor's cursor sits after Enter (token healing then cuts the indentation the
     editor typed, so the model writes it again) and what HumanEval's single-line infilling masks.
-    A model trained on character splits alone gets the first token there wrong in PSM, where the
-    indentation already typed sits a whole suffix away: on 148 of HumanEval's masked lines the
-    GPU-trained embedded model's loss on that token was 4.6 nats in PSM against 0.35 in SPM.
+    The GPU-trained embedded model, on character splits alone, picks the first token of a masked
+    HumanEval line right 90 % of the time in SPM but 0.3 % in PSM; 2.5 M tokens of continued
+    training with half the FIM samples split here raised PSM to 38 % (character splits: 0.6 %).
     """
     starts = [0, *(i + 1 for i, c in enumerate(doc) if c == "\n" and i + 1 < len(doc)), len(doc)]
     a, b = sorted((rng.choice(starts), rng.choice(starts)))

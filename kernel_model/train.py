@@ -8,6 +8,9 @@ a GPU. TOKENS is the file `python -m kernel_model tokenize-corpus` writes, FIM a
 resumable `state.pt`, a JSON-lines `log.jsonl` (loss, learning rate, tokens/s) and, at the end,
 `model/` in Meta's layout — the same files `load_model` reads for a real Code Llama.
 
+`--init-from MODEL` starts from a trained model of the same shape (a checkpoint folder or `embedded`)
+instead of random weights, so that short runs — a CPU's, or what a lent GPU's minutes allow — add up.
+
 `--budget-seconds S` fits the run to a time budget (a lent GPU's minutes): it times a few steps during
 the warm-up and sets `--steps` so the whole cosine schedule ends within S, which also stops the run;
 config.json records the steps chosen, and a resumed run keeps them.
