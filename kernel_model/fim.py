@@ -176,19 +176,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 _WORKER: dict = {}
 
 
-def _init_worker(
-    tok: FimTokenizer,
-    seed: int,
-    fim_rate: float,
-    spm_rate: float,
-    line_rate: float,
-    dtype: np.dtype,
-    max_chars: int,
-) -> None:
-    _WORKER.update(
-        tok=tok, seed=seed, fim_rate=fim_rate, spm_rate=spm_rate, line_rate=line_rate, dtype=dtype,
-        max_chars=max_chars,
-    )  # fmt: skip
+def _init_worker(settings: dict) -> None:
+    """tok, seed, fim_rate, spm_rate, line_rate, dtype, max_chars: what every document's transform reads."""
+    _WORKER.update(settings)
 
 
 def _transform_batch(batch: list[tuple[int, int, str]]) -> list[tuple[str, int, bytes]]:
@@ -236,16 +226,19 @@ def tokenize_corpus(
     counts = {"plain": 0, "psm": 0, "spm": 0}
     total = 0
     t0 = time.monotonic()
-    init_args = (tok, seed, fim_rate, spm_rate, line_rate, dtype, max_chars)
+    settings = dict(
+        tok=tok, seed=seed, fim_rate=fim_rate, spm_rate=spm_rate, line_rate=line_rate, dtype=dtype,
+        max_chars=max_chars,
+    )  # fmt: skip
     items = (
         (epoch, index, doc) for epoch in range(epochs) for index, doc in enumerate(iter_documents(corpus))
     )
     pool = None
     if workers > 1:
-        pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init_args)
+        pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(settings,))
         results: Iterable[tuple[str, int, bytes]] = bounded_map(pool, _transform_batch, items, 4 * workers)
     else:
-        _init_worker(*init_args)
+        _init_worker(settings)
         results = (result for item in items for result in _transform_batch([item]))
     try:
         with open(out, "wb") as fh:
