@@ -119,14 +119,14 @@ def train(
         vocab_size=tokenizer.vocab_size, multiple_of=32, max_context=max(cfg.seq_len, 4096),
     )  # fmt: skip
     model = Transformer(args).to(device)
-    if cfg.init_from:
+    state_file = out / "state.pt"
+    if cfg.init_from and not state_file.exists():  # a resumed run's weights come from its state
         load_weights(model, cfg.init_from, tokenizer.vocab_size)
     else:
         init_weights(model, args)
     optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
     step = 0
     fitting = bool(cfg.budget_seconds)  # until the step count is fitted to the budget
-    state_file = out / "state.pt"
     if state_file.exists():
         state = torch.load(state_file, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
