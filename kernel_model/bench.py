@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import int8_matvec
 from .codellama import CodeLlama, load_model, resolve_device, resolve_dtype
 from .errors import ModelError
 from .fast import describe
@@ -391,6 +392,7 @@ def run(args: argparse.Namespace) -> dict:
                   "kv_heads": shape.n_kv_heads, "hidden": shape.hidden_dim, "vocab": shape.vocab_size},
         "dtype": str(dtype).removeprefix("torch."),
         "quant": args.quant,
+        "int8_kernel": ("triton" if int8_matvec.ready(device) else "convert") if args.quant else None,
         "compile": args.compile,
         "decoder": describe(engine.decoder),
         "plain": args.plain,

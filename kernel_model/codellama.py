@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import int8_matvec
 from .checkpoint import MAX_CONTEXT, load_transformer
 from .errors import ModelError
 from .fast import MIN_BUCKET, FastDecoder, FastTransformer, describe, int8_parameters, quantize_int8
@@ -172,12 +173,11 @@ class CodeLlama:
         cuda = self.device.type == "cuda"
         if graphs and not cuda:
             raise ModelError("CUDA graphs need a CUDA device")
-        if self.quant and cuda and not compile:
-            # Eagerly, each step converts every int8 matrix to bf16 in memory: slower than bf16.
-            log.warning("int8 weights decode fast only compiled (compile=True), where the conversion fuses")
-        return FastDecoder(
-            FastTransformer(self.model), graphs=cuda if graphs is None else graphs, compile=compile
-        )
+        fast_model = FastTransformer(self.model)
+        if self.quant and cuda and not compile and not int8_matvec.ready(self.device):
+            # Without the kernel each step converts every int8 matrix to bf16 in memory: slower than bf16.
+            log.warning("int8 weights decode fast only with Triton installed, or compiled (compile=True)")
+        return FastDecoder(fast_model, graphs=cuda if graphs is None else graphs, compile=compile)
 
     def warmup(self) -> None:
         """Pay now what the first keystroke would: the healing index, compilation, graph capture.

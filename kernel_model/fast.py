@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from . import int8_matvec
 from .model import KVCache, ModelArgs, Transformer, check_positions
 
 log = logging.getLogger(__name__)
@@ -165,18 +166,23 @@ class FastLayer(nn.Module):
 
 
 def linear(x: torch.Tensor, matrix: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """x @ matrix [in, out], with int8 matrices converted and scaled per output."""
+    """x @ matrix [in, out], with int8 matrices scaled per output: read as int8 by a decode step's
+    kernel where it runs (`int8_matvec`), else converted to x's dtype first."""
     if scales is None:
         return x @ matrix
+    if int8_matvec.applies(x):
+        return int8_matvec.matvec(x, matrix.t(), scales)
     return (x @ matrix.to(x.dtype)) * scales
 
 
 def residual(
     h: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor, scales: torch.Tensor | None
 ) -> torch.Tensor:
-    """h + x @ matrix, in one op where the matrix needs no scaling (2-D h and x)."""
+    """h + x @ matrix, in one op where it can: addmm (2-D), or the int8 kernel's own residual add."""
     if scales is None:
-        return torch.addmm(h, x, matrix)
+        return torch.addmm(h, x, matrix) if h.dim() == 2 else h + x @ matrix
+    if int8_matvec.applies(x):
+        return int8_matvec.matvec(x, matrix.t(), scales, residual=h)
     return h + linear(x, matrix, scales)
 
 
@@ -218,9 +224,9 @@ def block_halves(args: ModelArgs) -> tuple[Callable, Callable]:
         return qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2), v.transpose(1, 2)
 
     def finish(h, attended, wo, so, norm, w13, s13, w2, s2):
-        h = h + linear(attended, wo, so)
+        h = residual(h, attended, wo, so)
         gate, up = linear(rms_norm(h, norm, eps), w13, s13).chunk(2, dim=-1)
-        return h + linear(F.silu(gate) * up, w2, s2)
+        return residual(h, F.silu(gate) * up, w2, s2)
 
     return project, finish
 
@@ -268,6 +274,8 @@ class FastTransformer(nn.Module):
         self.norm = model.norm.weight.detach()
         vocab, dim = model.output.weight.shape
         self.wout, self.sout = _fuse([model.output], transposes(self.embedding.device, vocab, dim))
+        if self.sout is not None:
+            int8_matvec.prepare(self.device)
         self.rope = RotaryTable(self.args.head_dim, self.args.rope_theta, self.args.max_context, self.device)
         # Each layer's weights as one plain tuple: the one-token path reads them per op.
         self._plan = [(*layer.before_attention, *layer.after_attention) for layer in self.layers]
@@ -450,9 +458,9 @@ class FastDecoder:
         if compile:
             backend = "inductor" if compile is True else compile
             # Only with coordinate-descent tuning does inductor turn a one-row matrix product into a
-            # reduction of its own, which can read int8 weights as they are (gpt-fast's recipe; else
-            # the int8 matrix is converted whole first). On an H200 bf16 decoded at 220-239 tok/s
-            # this way; int8 still at 0.8x bf16 (BENCHMARKS.md).
+            # reduction of its own (gpt-fast's recipe): on an H200 bf16 decoded at 220-239 tok/s
+            # this way. Int8 products go to int8_matvec's kernel where Triton runs; else inductor
+            # converts each matrix whole first, which decoded at 0.8x bf16 (BENCHMARKS.md).
             options = {"coordinate_descent_tuning": True} if backend == "inductor" and cuda else None
             self._step = torch.compile(self._static_step, backend=backend, fullgraph=True, options=options)
         if self.static:

@@ -5,19 +5,20 @@
 #
 # Each step is its own `python -m kernel_model bench` process under its own time limit, writing
 # OUT/STEP.json (the figures) and OUT/STEP.log (progress), so a step that runs long loses only
-# itself. Steps (default: compiled int8 long, 520 s of limits, which fit one 10-minute call; hf
+# itself. Steps (default: compiled int8 long, 460 s of limits, which fit one 10-minute call; hf
 # takes a second call; each limit includes building 7B random weights and compiling):
 #   graphs    the server's default path (CUDA graphs, no compile): compiled's figures (limit 100 s)
-#             (graphs, compiled and int8 also list a decode's kernels: --profile)
+#             (graphs, compiled, int8 and int8-compiled also list a decode's kernels: --profile)
 #   compiled  --compile: decode, prefill 1k/4k/16k, first token after an edit      (limit 260 s)
-#   int8      --compile --quant int8: decode against the bf16 figures above         (limit 170 s)
+#   int8      --quant int8 on the default path (the Triton kernel): against graphs  (limit 110 s)
+#   int8-compiled  --compile --quant int8 (the kernel inside the compiled step): against compiled (170 s)
 #   long      a 100,000-token prompt on the server's default path                   (limit 90 s)
 #   hf        --compile --compare-hf at 4k: transformers' static cache and eager    (limit 300 s)
 # LIMIT_SCALE (1.0) multiplies every limit; SHAPE (7b) picks another shape (tiny: a CPU smoke test).
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
-    echo "usage: $0 OUT [graphs|compiled|int8|long|hf ...]" >&2
+    echo "usage: $0 OUT [graphs|compiled|int8|int8-compiled|long|hf ...]" >&2
     exit 2
 fi
 mkdir -p "$1"
@@ -27,8 +28,8 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(compiled int8 long)
 for name in "${steps[@]}"; do
     case $name in
-        graphs | compiled | int8 | long | hf) ;;
-        *) echo "unknown step $name (graphs, compiled, int8, long, hf)" >&2 && exit 2 ;;
+        graphs | compiled | int8 | int8-compiled | long | hf) ;;
+        *) echo "unknown step $name (graphs, compiled, int8, int8-compiled, long, hf)" >&2 && exit 2 ;;
     esac
 done
 cd "$(dirname "$0")/.."  # the checkout: python -m kernel_model runs from here
@@ -48,7 +49,8 @@ for name in "${steps[@]}"; do
     case $name in
         graphs) step graphs 100 --prompt-tokens 1024,4096,16384 --repeats 3 --profile ;;
         compiled) step compiled 260 --compile --prompt-tokens 1024,4096,16384 --repeats 3 --profile ;;
-        int8) step int8 170 --compile --quant int8 --prompt-tokens 4096 --repeats 3 --profile ;;
+        int8) step int8 110 --quant int8 --prompt-tokens 4096 --repeats 3 --profile ;;
+        int8-compiled) step int8-compiled 170 --compile --quant int8 --prompt-tokens 4096 --repeats 3 --profile ;;
         long) step long 90 --prompt-tokens 100000 --new-tokens 16 --repeats 1 ;;
         hf) step hf 300 --compile --compare-hf --prompt-tokens 4096 --repeats 2 ;;
     esac
