@@ -22,11 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import int8_matvec
 from .codellama import CodeLlama, load_model, resolve_device, resolve_dtype
 from .errors import ModelError
-from .fast import describe
+from .fast import PREFILL_CHUNK, FastDecoder, describe
 from .generate import SamplingParams
 from .model import ModelArgs, Transformer
 from .prompts import Prompt
@@ -58,6 +59,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", choices=("int8",), help="weight-only quantization")
     p.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on GPU)")
     p.add_argument("--plain", action="store_true", help="the unoptimised reference path, for comparison")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=PREFILL_CHUNK, help="tokens a prompt is prefilled in at a time"
+    )
+    p.add_argument(
+        "--prompt-attention",
+        choices=("auto", "cudnn"),
+        default="auto",
+        help="a fresh prompt's attention: SDPA's choice, or cuDNN's first where it takes the inputs",
+    )
     p.add_argument("--prompt-tokens", help="comma-separated prefill lengths (GPU 1024,4096,16384)")
     p.add_argument("--long-context", type=int, default=4096, help="context of the long-context decode")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -158,6 +168,21 @@ def build_engine(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     tokenizer = find_tokenizer(args, shape.vocab_size)
     engine = CodeLlama(model, tokenizer, name=f"random-{args.shape}", layout="random", **options)
     return engine, shape
+
+
+def apply_prompt_options(engine: CodeLlama, args: argparse.Namespace) -> None:
+    """--prefill-chunk and --prompt-attention on the fast path (the plain path has neither)."""
+    if not isinstance(engine.decoder, FastDecoder):
+        return
+    fast = engine.decoder.fast
+    fast.prefill_chunk = args.prefill_chunk
+    if args.prompt_attention == "cudnn":
+        fast.prompt_backends = [
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.MATH,
+        ]
 
 
 # -- prompts --------------------------------------------------------------------------------------
@@ -379,6 +404,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     progress(f"building the model on {device} ({dtype})")
     engine, shape = build_engine(args, device, dtype, max_context)
+    apply_prompt_options(engine, args)
     bandwidth = copy_bandwidth(device)
     model_bytes = weight_bytes(engine.model)
     roofline = bandwidth * 1e9 / model_bytes
@@ -394,6 +420,8 @@ def run(args: argparse.Namespace) -> dict:
         "quant": args.quant,
         "int8_kernel": ("triton" if int8_matvec.ready(device) else "convert") if args.quant else None,
         "compile": args.compile,
+        "prefill_chunk": args.prefill_chunk,
+        "prompt_attention": args.prompt_attention,
         "decoder": describe(engine.decoder),
         "plain": args.plain,
         "tokenizer": "sentencepiece" if isinstance(engine.tokenizer, Tokenizer) else "synthetic",
@@ -473,8 +501,6 @@ def attention_by_backend(shape: ModelArgs, device, dtype, lengths: list[int], re
     shape unless TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1; a notebook's prompts change length all the time).
     """
     from functools import partial
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     out: dict = {}
     for length in (n for n in lengths if n <= ATTENTION_BENCH_MAX):

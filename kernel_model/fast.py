@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from . import int8_matvec
@@ -268,6 +269,9 @@ class FastTransformer(nn.Module):
         self.model = model
         self.args = model.args
         self.prefill_chunk = prefill_chunk
+        # SDPA backends a fresh prompt's attention tries, in order; None leaves the choice to SDPA
+        # (flash on a GPU). The benchmark sets it to weigh cuDNN's attention (BENCHMARKS.md).
+        self.prompt_backends: list[SDPBackend] | None = None
         self.halves = block_halves(self.args)
         self.layers = nn.ModuleList(FastLayer(block) for block in model.layers)
         self.embedding = model.tok_embeddings.weight.detach()
@@ -324,7 +328,7 @@ class FastTransformer(nn.Module):
             q, k, v = project(h, freqs, *layer.before_attention)
             if cache is not None:
                 k, v = cache.update(index, start, k, v)
-            h = finish(h, attend(q, k, v, start), *layer.after_attention)
+            h = finish(h, attend(q, k, v, start, self.prompt_backends), *layer.after_attention)
         if cache is not None:
             cache.length = start + seq_len
         if last_only is None:
@@ -387,8 +391,17 @@ class FastTransformer(nn.Module):
         return views[1], views[2]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """q [B, Hq, T, D] over k, v [B, Hkv, S, D] (S = start + T) → [B, T, Hq·D]."""
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    backends: list[SDPBackend] | None = None,
+) -> torch.Tensor:
+    """q [B, Hq, T, D] over k, v [B, Hkv, S, D] (S = start + T) → [B, T, Hq·D].
+
+    `backends`: those a fresh prompt (start 0) may use, in the order to try them.
+    """
     batch, hq, seq_len, d = q.shape
     hkv = k.shape[1]
     if seq_len == 1:
@@ -399,7 +412,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     if hkv != hq:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
-    if start == 0:
+    if start == 0 and backends:
+        with sdpa_kernel(backends, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif start == 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         # A chunk continuing the cache: causal aligned to the last key, which flash attention

@@ -12,13 +12,16 @@
 #   compiled  --compile: decode, prefill 1k/4k/16k, first token after an edit      (limit 260 s)
 #   int8      --quant int8 on the default path (the Triton kernel): against graphs  (limit 110 s)
 #   int8-compiled  --compile --quant int8 (the kernel inside the compiled step): against compiled (170 s)
+#   chunk16k  the default path with 16k prompts in one chunk (flash attention)      (limit 90 s)
+#   cudnn     the same, cuDNN's attention first for fresh prompts                    (limit 90 s)
+#   cudnn-reuse  cudnn with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1: one cuDNN graph for all lengths (90 s)
 #   long      a 100,000-token prompt on the server's default path                   (limit 90 s)
 #   hf        --compile --compare-hf at 4k: transformers' static cache and eager    (limit 300 s)
 # LIMIT_SCALE (1.0) multiplies every limit; SHAPE (7b) picks another shape (tiny: a CPU smoke test).
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
-    echo "usage: $0 OUT [graphs|compiled|int8|int8-compiled|long|hf ...]" >&2
+    echo "usage: $0 OUT [graphs|compiled|int8|int8-compiled|chunk16k|cudnn|cudnn-reuse|long|hf ...]" >&2
     exit 2
 fi
 mkdir -p "$1"
@@ -28,8 +31,8 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(compiled int8 long)
 for name in "${steps[@]}"; do
     case $name in
-        graphs | compiled | int8 | int8-compiled | long | hf) ;;
-        *) echo "unknown step $name (graphs, compiled, int8, int8-compiled, long, hf)" >&2 && exit 2 ;;
+        graphs | compiled | int8 | int8-compiled | chunk16k | cudnn | cudnn-reuse | long | hf) ;;
+        *) echo "unknown step $name (see the header of $0)" >&2 && exit 2 ;;
     esac
 done
 cd "$(dirname "$0")/.."  # the checkout: python -m kernel_model runs from here
@@ -51,6 +54,10 @@ for name in "${steps[@]}"; do
         compiled) step compiled 260 --compile --prompt-tokens 1024,4096,16384 --repeats 3 --profile ;;
         int8) step int8 110 --quant int8 --prompt-tokens 4096 --repeats 3 --profile ;;
         int8-compiled) step int8-compiled 170 --compile --quant int8 --prompt-tokens 4096 --repeats 3 --profile ;;
+        chunk16k) step chunk16k 90 --prompt-tokens 4096,16384 --prefill-chunk 16384 --repeats 3 ;;
+        cudnn) step cudnn 90 --prompt-tokens 4096,16384 --prefill-chunk 16384 --prompt-attention cudnn --repeats 3 ;;
+        cudnn-reuse) TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 step cudnn-reuse 90 --prompt-tokens 4096,16384 \
+            --prefill-chunk 16384 --prompt-attention cudnn --repeats 3 ;;
         long) step long 90 --prompt-tokens 100000 --new-tokens 16 --repeats 1 ;;
         hf) step hf 300 --compile --compare-hf --prompt-tokens 4096 --repeats 2 ;;
     esac

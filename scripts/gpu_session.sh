@@ -17,7 +17,7 @@
 set -uo pipefail
 
 if [ $# -lt 2 ]; then
-    echo "usage: $0 CORPUS.txt.xz OUT [graphs|compiled|int8|int8-compiled|long|hf ...]" >&2
+    echo "usage: $0 CORPUS.txt.xz OUT [BENCH_STEP ...]" >&2
     exit 2
 fi
 if [ ! -f "$1" ]; then

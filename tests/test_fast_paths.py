@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
 from kernel_model import CodeLlama, ModelError, SamplingParams, Tokenizer, load_model
 from kernel_model.bench import random_transformer
@@ -84,6 +85,16 @@ def test_fast_forward_matches_the_plain_forward(kv_heads):
         assert (torch.cat(chunks, dim=1) - expected).abs().max() <= 1e-5
         last = fast(ids[:, :77], 0, fast.model.new_cache(), last_only=True)
         assert last.shape == (1, 1, 32016) and (last[0, 0] - expected[0, 76]).abs().max() <= 1e-5
+
+
+def test_prompt_attention_with_backends_in_order_matches_sdpas_choice():
+    fast = FastTransformer(model(shape(2)), prefill_chunk=16)  # a fresh chunk, then continuing ones
+    ids = torch.tensor([some_ids(40)])
+    with torch.inference_mode():
+        expected = fast(ids, 0, fast.model.new_cache())
+        # Where cuDNN does not run (here: a CPU), the next backend in the list does.
+        fast.prompt_backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+        assert (fast(ids, 0, fast.model.new_cache()) - expected).abs().max() <= 1e-5
 
 
 def test_rope_rotates_alike_by_complex_table_and_by_its_real_pairs():
@@ -323,7 +334,8 @@ def test_bench_prints_one_json_object(codellama_tokenizer_file):
     result = subprocess.run(
         [sys.executable, "-m", "kernel_model", "bench", "--shape", "tiny", "--layers", "1",
          "--tokenizer", str(codellama_tokenizer_file), "--prompt-tokens", "24", "--long-context", "40",
-         "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--compare-hf", "--profile"],
+         "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--compare-hf", "--profile",
+         "--prefill-chunk", "16", "--prompt-attention", "cudnn"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -332,6 +344,7 @@ def test_bench_prints_one_json_object(codellama_tokenizer_file):
     assert set(ours["decode_tok_s"]) == {"short", "40"} and set(ours["prefill_ms"]) == {"24"}
     assert {"cold", "after_edit"} <= set(ours["ttft_ms"]["24"])
     assert report["roofline_tok_s"] > 0 and report["copy_bandwidth_gb_s"] > 0
+    assert (report["prefill_chunk"], report["prompt_attention"]) == (16, "cudnn")
     profile = report["decode_profile"]
     assert profile["clock"] == "cpu" and profile["ms_per_token"] > 0
     assert any(op["name"] == "aten::mm" for op in profile["top"])  # the matrix products are there
