@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import random
 import resource
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import int8_matvec
+from . import decode_matvec
 from .codellama import CodeLlama, load_model, resolve_device, resolve_dtype
 from .errors import ModelError
 from .fast import PREFILL_CHUNK, FastDecoder, describe
@@ -61,6 +62,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plain", action="store_true", help="the unoptimised reference path, for comparison")
     p.add_argument(
         "--prefill-chunk", type=int, default=PREFILL_CHUNK, help="tokens a prompt is prefilled in at a time"
+    )
+    p.add_argument(
+        "--decode-kernels",
+        choices=decode_matvec.CHOICES,
+        help="decode products through our Triton kernel: for int8 weights (the default), all, none",
     )
     p.add_argument(
         "--prompt-attention",
@@ -403,6 +409,8 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     progress(f"building the model on {device} ({dtype})")
+    if args.decode_kernels:
+        os.environ["KERNEL_MODEL_DECODE_KERNELS"] = args.decode_kernels  # read as the model loads
     engine, shape = build_engine(args, device, dtype, max_context)
     apply_prompt_options(engine, args)
     bandwidth = copy_bandwidth(device)
@@ -418,7 +426,10 @@ def run(args: argparse.Namespace) -> dict:
                   "kv_heads": shape.n_kv_heads, "hidden": shape.hidden_dim, "vocab": shape.vocab_size},
         "dtype": str(dtype).removeprefix("torch."),
         "quant": args.quant,
-        "int8_kernel": ("triton" if int8_matvec.ready(device) else "convert") if args.quant else None,
+        "decode_kernels": {  # products through decode_matvec's Triton kernel, by weights
+            "int8": decode_matvec.ready(device, int8=True),
+            "float": decode_matvec.ready(device, int8=False),
+        },
         "compile": args.compile,
         "prefill_chunk": args.prefill_chunk,
         "prompt_attention": args.prompt_attention,

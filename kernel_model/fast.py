@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from . import int8_matvec
+from . import decode_matvec
 from .model import KVCache, ModelArgs, Transformer, check_positions
 
 log = logging.getLogger(__name__)
@@ -167,24 +167,43 @@ class FastLayer(nn.Module):
 
 
 def linear(x: torch.Tensor, matrix: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """x @ matrix [in, out], with int8 matrices scaled per output: read as int8 by a decode step's
-    kernel where it runs (`int8_matvec`), else converted to x's dtype first."""
+    """x @ matrix [in, out], int8 matrices scaled per output; one row goes to `decode_matvec` where
+    it runs (which reads int8 as it is), else int8 is converted to x's dtype first."""
+    if decode_matvec.applies(x, scales):
+        return decode_matvec.matvec(x, matrix.t(), scales)
     if scales is None:
         return x @ matrix
-    if int8_matvec.applies(x):
-        return int8_matvec.matvec(x, matrix.t(), scales)
     return (x @ matrix.to(x.dtype)) * scales
 
 
 def residual(
     h: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor, scales: torch.Tensor | None
 ) -> torch.Tensor:
-    """h + x @ matrix, in one op where it can: addmm (2-D), or the int8 kernel's own residual add."""
+    """h + x @ matrix, in one op where it can: the decode kernel's residual add, or addmm (2-D)."""
+    if decode_matvec.applies(x, scales):
+        return decode_matvec.matvec(x, matrix.t(), scales, residual=h)
     if scales is None:
         return torch.addmm(h, x, matrix) if h.dim() == 2 else h + x @ matrix
-    if int8_matvec.applies(x):
-        return int8_matvec.matvec(x, matrix.t(), scales, residual=h)
     return h + linear(x, matrix, scales)
+
+
+def norm_linear(
+    h: torch.Tensor, norm: torch.Tensor, eps: float, matrix: torch.Tensor, scales: torch.Tensor | None
+) -> torch.Tensor:
+    """linear(rms_norm(h)): for one row, the norm inside the decode kernel where it runs."""
+    if decode_matvec.applies(h, scales):
+        return decode_matvec.matvec(h, matrix.t(), scales, norm=norm, eps=eps)
+    return linear(rms_norm(h, norm, eps), matrix, scales)
+
+
+def swiglu_residual(
+    h: torch.Tensor, gate_up: torch.Tensor, matrix: torch.Tensor, scales: torch.Tensor | None
+) -> torch.Tensor:
+    """h + (silu(gate) * up) @ matrix for gate_up = [gate, up]: for one row, all in the decode kernel."""
+    if decode_matvec.applies(h, scales):
+        return decode_matvec.matvec(gate_up, matrix.t(), scales, residual=h, swiglu=True)
+    hidden = gate_up.shape[-1] // 2
+    return residual(h, F.silu(gate_up[..., :hidden]) * gate_up[..., hidden:], matrix, scales)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -219,15 +238,14 @@ def block_halves(args: ModelArgs) -> tuple[Callable, Callable]:
 
     def project(h, freqs, norm, wqkv, sqkv):
         batch, seq_len, _ = h.shape
-        qkv = linear(rms_norm(h, norm, eps), wqkv, sqkv)
+        qkv = norm_linear(h, norm, eps, wqkv, sqkv)
         qk = rotate(qkv[..., : (hq + hkv) * d].view(batch, seq_len, hq + hkv, d), freqs)  # one RoPE for both
         v = qkv[..., (hq + hkv) * d :].view(batch, seq_len, hkv, d)
         return qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2), v.transpose(1, 2)
 
     def finish(h, attended, wo, so, norm, w13, s13, w2, s2):
         h = residual(h, attended, wo, so)
-        gate, up = linear(rms_norm(h, norm, eps), w13, s13).chunk(2, dim=-1)
-        return residual(h, F.silu(gate) * up, w2, s2)
+        return swiglu_residual(h, norm_linear(h, norm, eps, w13, s13), w2, s2)
 
     return project, finish
 
@@ -278,8 +296,7 @@ class FastTransformer(nn.Module):
         self.norm = model.norm.weight.detach()
         vocab, dim = model.output.weight.shape
         self.wout, self.sout = _fuse([model.output], transposes(self.embedding.device, vocab, dim))
-        if self.sout is not None:
-            int8_matvec.prepare(self.device)
+        decode_matvec.prepare(self.device)
         self.rope = RotaryTable(self.args.head_dim, self.args.rope_theta, self.args.max_context, self.device)
         # Each layer's weights as one plain tuple: the one-token path reads them per op.
         self._plan = [(*layer.before_attention, *layer.after_attention) for layer in self.layers]
@@ -335,7 +352,7 @@ class FastTransformer(nn.Module):
             return None
         if last_only:
             h = h[:, -1:]
-        return linear(rms_norm(h, self.norm, self.args.norm_eps), self.wout, self.sout).float()
+        return norm_linear(h, self.norm, self.args.norm_eps, self.wout, self.sout).float()
 
     def _decode_one(self, token: torch.Tensor | int, position: int, cache: KVCache) -> torch.Tensor:
         """forward() for one token of one sequence, in as few ops as it takes → logits [1, 1, V].
@@ -355,25 +372,21 @@ class FastTransformer(nn.Module):
         hq, hkv, d, eps = self.args.n_heads, self.args.n_kv_heads, self.args.head_dim, self.args.norm_eps
         for plan, keys, values in zip(self._plan, keys_by_layer, values_by_layer, strict=True):
             attention_norm, wqkv, sqkv, wo, so, ffn_norm, w13, s13, w2, s2 = plan
-            x = rms_norm(h, attention_norm, eps)
-            qkv = linear(x, wqkv, sqkv)
+            qkv = norm_linear(h, attention_norm, eps, wqkv, sqkv)
             qk = qkv[0, : (hq + hkv) * d]
             pairs = torch.view_as_complex((qk if exact else qk.float()).view(hq + hkv, d // 2, 2))
             qk = torch.view_as_real(pairs * freqs).view(hq + hkv, d)
             if not exact:
-                qk = qk.to(x.dtype)
+                qk = qk.to(h.dtype)
             keys.select(2, position).copy_(qk[hq:].view(1, hkv, d))
             values.select(2, position).copy_(qkv[:, (hq + hkv) * d :].view(1, hkv, d))
             # The query heads sharing a key head go side by side: GQA without copying the cache.
             q = qk[:hq].view(1, hkv, hq // hkv, d)
             out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end])
             h = residual(h, out.view(1, hq * d), wo, so)
-            x = rms_norm(h, ffn_norm, eps)
-            gate_up = linear(x, w13, s13)
-            hidden = gate_up.shape[1] // 2
-            h = residual(h, F.silu(gate_up[:, :hidden]) * gate_up[:, hidden:], w2, s2)
+            h = swiglu_residual(h, norm_linear(h, ffn_norm, eps, w13, s13), w2, s2)
         cache.length = end
-        logits = linear(rms_norm(h, self.norm, self.args.norm_eps), self.wout, self.sout)
+        logits = norm_linear(h, self.norm, self.args.norm_eps, self.wout, self.sout)
         return (logits if exact else logits.float()).view(1, 1, -1)
 
     def step(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
@@ -475,7 +488,7 @@ class FastDecoder:
             backend = "inductor" if compile is True else compile
             # Only with coordinate-descent tuning does inductor turn a one-row matrix product into a
             # reduction of its own (gpt-fast's recipe): on an H200 bf16 decoded at 220-239 tok/s
-            # this way. Int8 products go to int8_matvec's kernel where Triton runs; else inductor
+            # this way. Int8 products go to decode_matvec's kernel where Triton runs; else inductor
             # converts each matrix whole first, which decoded at 0.8x bf16 (BENCHMARKS.md).
             options = {"coordinate_descent_tuning": True} if backend == "inductor" and cuda else None
             self._step = torch.compile(self._static_step, backend=backend, fullgraph=True, options=options)
@@ -574,7 +587,7 @@ class FastDecoder:
             grouped = q.reshape(batch, hkv, layer.n_heads // hkv, d)  # GQA without copying the cache
             out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible)
             h = finish(h, out.reshape(batch, 1, layer.n_heads * d), *layer.after_attention)
-        return linear(rms_norm(h, fast.norm, fast.args.norm_eps), fast.wout, fast.sout).float()[:, 0]
+        return norm_linear(h, fast.norm, fast.args.norm_eps, fast.wout, fast.sout).float()[:, 0]
 
     # -- CUDA graphs --------------------------------------------------------------------------
 

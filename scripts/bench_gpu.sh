@@ -8,10 +8,12 @@
 # itself. Steps (default: compiled int8 long, 460 s of limits, which fit one 10-minute call; hf
 # takes a second call; each limit includes building 7B random weights and compiling):
 #   graphs    the server's default path (CUDA graphs, no compile): compiled's figures (limit 100 s)
-#             (graphs, compiled, int8 and int8-compiled also list a decode's kernels: --profile)
+#             (every decode step below also lists a decode's kernels: --profile)
 #   compiled  --compile: decode, prefill 1k/4k/16k, first token after an edit      (limit 260 s)
 #   int8      --quant int8 on the default path (the Triton kernel): against graphs  (limit 110 s)
 #   int8-compiled  --compile --quant int8 (the kernel inside the compiled step): against compiled (170 s)
+#   fused     bf16 through the same kernel, norms and SwiGLU in it (--decode-kernels all): against graphs (100 s)
+#   fused-compiled  the same with --compile: against compiled                          (limit 260 s)
 #   chunk16k  the default path with 16k prompts in one chunk (flash attention)      (limit 90 s)
 #   cudnn     the same, cuDNN's attention first for fresh prompts                    (limit 90 s)
 #   cudnn-reuse  cudnn with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1: one cuDNN graph for all lengths (90 s)
@@ -21,7 +23,7 @@
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
-    echo "usage: $0 OUT [graphs|compiled|int8|int8-compiled|chunk16k|cudnn|cudnn-reuse|long|hf ...]" >&2
+    echo "usage: $0 OUT [STEP ...]" >&2
     exit 2
 fi
 mkdir -p "$1"
@@ -31,7 +33,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(compiled int8 long)
 for name in "${steps[@]}"; do
     case $name in
-        graphs | compiled | int8 | int8-compiled | chunk16k | cudnn | cudnn-reuse | long | hf) ;;
+        graphs | compiled | int8 | int8-compiled | fused | fused-compiled | chunk16k | cudnn | cudnn-reuse | long | hf) ;;
         *) echo "unknown step $name (see the header of $0)" >&2 && exit 2 ;;
     esac
 done
@@ -54,6 +56,8 @@ for name in "${steps[@]}"; do
         compiled) step compiled 260 --compile --prompt-tokens 1024,4096,16384 --repeats 3 --profile ;;
         int8) step int8 110 --quant int8 --prompt-tokens 4096 --repeats 3 --profile ;;
         int8-compiled) step int8-compiled 170 --compile --quant int8 --prompt-tokens 4096 --repeats 3 --profile ;;
+        fused) step fused 100 --decode-kernels all --prompt-tokens 4096 --repeats 3 --profile ;;
+        fused-compiled) step fused-compiled 260 --decode-kernels all --compile --prompt-tokens 4096 --repeats 3 --profile ;;
         chunk16k) step chunk16k 90 --prompt-tokens 4096,16384 --prefill-chunk 16384 --repeats 3 ;;
         cudnn) step cudnn 90 --prompt-tokens 4096,16384 --prefill-chunk 16384 --prompt-attention cudnn --repeats 3 ;;
         cudnn-reuse) TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 step cudnn-reuse 90 --prompt-tokens 4096,16384 \

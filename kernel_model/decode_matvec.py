@@ -1,0 +1,258 @@
+"""A decode step's one-row matrix products as Triton kernels that also do the work around them.
+
+A decode step reads every weight once for one row of activations, so its speed is the bytes it
+reads and the kernels it launches. Two things the plain ops do badly there:
+
+- Int8 weights halve the bytes only if they are widened in registers. Converting a matrix to bf16
+  first reads the int8 copy, then writes and reads a bf16 one: more traffic than bf16 alone.
+  Compiled, inductor was to fuse the conversion into a reduction of its own (gpt-fast's recipe),
+  yet on an H200 int8 decoded at 0.80x bf16.
+- Each layer launches a dozen small kernels besides its four products (norms, SwiGLU, residual
+  adds), each a few microseconds even replayed from a CUDA graph.
+
+One kernel covers both: each program reads a few weight rows once (int8 with per-row scales, or
+float) against the activations, and can take the RMS norm before the product (every program sums
+the squares of the 4,096-wide row itself, from L2) or SwiGLU of a gate/up pair, and add the
+residual stream after it. Sums, norm, scale and residual are all taken in float32 with one rounding.
+
+`KERNEL_MODEL_DECODE_KERNELS` chooses, at model load: `int8` (the default: int8 weights only, which
+have nothing better), `all` (float weights too, in place of cuBLAS's products and torch's norms;
+off by default until a GPU has measured it), `none` (the torch ops, as before: the benchmark's
+baseline). The kernels run on CUDA, and on a CPU under Triton's interpreter (`TRITON_INTERPRET=1`
+before Triton is imported), which is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("int8", "all", "none")
+PLAIN, RMS_NORM, SWIGLU = 0, 1, 2  # what the kernel does to the activations before the product
+
+# (rows per program, columns per loop iteration, warps). Few rows per program keep thousands of
+# programs in flight for the 4,096-row matrices; long column blocks give each load many bytes.
+_CUDA_CONFIGS = [
+    (1, 2048, 4),
+    (2, 1024, 4),
+    (2, 2048, 8),
+    (4, 512, 4),
+    (4, 1024, 4),
+    (4, 1024, 8),
+    (8, 512, 4),
+    (8, 1024, 8),
+    (16, 256, 4),
+    (16, 512, 8),
+]
+_INTERPRETER_BLOCKS = (16, 64)  # the interpreter runs every program in Python: fewer, larger ones
+
+_ready: dict[tuple[str, bool], bool] = {}  # (device type, int8 weights) -> kernels on (see `prepare`)
+_any_ready = False  # so that a CPU decode step, which never uses the kernel, pays one read per product
+_kernel_launcher = None  # built by `prepare`
+_disabled = False  # set once if the kernel fails at run time: decoding carries on with torch's ops
+
+
+def choice() -> str:
+    value = os.environ.get("KERNEL_MODEL_DECODE_KERNELS", "int8")
+    if value not in CHOICES:
+        raise ValueError(f"KERNEL_MODEL_DECODE_KERNELS={value!r}: use one of {', '.join(CHOICES)}")
+    return value
+
+
+def prepare(device: torch.device) -> str:
+    """Decide, at model load, which weights' decode products on `device` use the kernel; build it if any.
+
+    Returns what was chosen there (int8, all or none). Deciding here keeps `applies` and `matvec`
+    down to reading module state, which torch.compile traces as constants: tracing Triton's own
+    set-up would break the compiled step's graph.
+    """
+    global _kernel_launcher, _any_ready
+    wanted = choice()
+    here = device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    if not here or importlib.util.find_spec("triton") is None:
+        wanted = "none"
+    _ready[(device.type, True)] = wanted in ("int8", "all")
+    _ready[(device.type, False)] = wanted == "all"
+    _any_ready = any(_ready.values())
+    if wanted != "none" and _kernel_launcher is None:
+        _kernel_launcher = _kernel()
+    return wanted
+
+
+def ready(device: torch.device, int8: bool) -> bool:
+    """Whether one-row products of int8 (or float) weights on `device` go through the kernel."""
+    return not _disabled and _ready.get((device.type, int8), False)
+
+
+def applies(x: torch.Tensor, scales: torch.Tensor | None) -> bool:
+    """Whether the kernel computes `x @ W`: one row of activations, weights `prepare` chose it for."""
+    return _any_ready and x.numel() == x.shape[-1] and ready(x.device, scales is not None)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def matvec(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+    swiglu: bool = False,
+) -> torch.Tensor:
+    """residual + (f(x) @ weight.T) * scales for one row x [..., K]; weight [N, K], int8 or float.
+
+    f is the identity, the RMS norm with weights `norm` and `eps`, or with `swiglu` silu(gate) * up
+    of x = [gate, up] (then x has 2K values). Scales and residual are optional. The result has x's
+    shape with N last and x's dtype.
+    """
+    if torch.compiler.is_compiling():  # a failure shows when the step compiles, at load
+        return decode_matvec_op(x, weight, scales, residual, norm, eps, swiglu)
+    try:
+        return _launch(x, weight, scales, residual, norm, eps, swiglu)
+    except Exception as exc:  # a kernel that cannot build here must not fail decoding
+        global _disabled
+        _disabled = True
+        log.warning("decode matrix-vector kernel failed, using torch's operations instead: %s", exc)
+        return _reference(x, weight, scales, residual, norm, eps, swiglu)
+
+
+def _reference(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
+    """What the kernel computes, in torch's operations (the fallback)."""
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = torch.nn.functional.silu(gate) * up
+    if norm is not None:
+        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm, eps)
+    out = x @ weight.t().to(x.dtype)
+    if scales is not None:
+        out = out * scales
+    return out if residual is None else residual + out
+
+
+def _launch(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
+    rows, columns = weight.shape
+    out = x.new_empty((*x.shape[:-1], rows))
+    blocks = {}
+    if _interpreting():
+        blocks = dict(zip(("BLOCK_N", "BLOCK_K"), _INTERPRETER_BLOCKS, strict=True))
+
+    def grid(meta: dict) -> tuple[int]:
+        return ((rows + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],)
+
+    _kernel_launcher[grid](
+        x.contiguous(),
+        # Pointers the kernel does not read stand in for absent tensors.
+        weight if norm is None else norm,
+        weight,
+        weight if scales is None else scales,
+        weight if residual is None else residual,
+        out,
+        rows,
+        columns,
+        weight.stride(0),
+        weight.stride(1),
+        eps,
+        PROLOGUE=SWIGLU if swiglu else RMS_NORM if norm is not None else PLAIN,
+        HAS_SCALES=scales is not None,
+        HAS_RESIDUAL=residual is not None,
+        **blocks,
+    )
+    return out
+
+
+# Compiled steps see the kernel as one opaque operator: inductor places the call and CUDA graphs
+# capture it, while nothing traces into Triton's launcher.
+@torch.library.custom_op("kernel_model::decode_matvec", mutates_args=())
+def decode_matvec_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm: torch.Tensor | None,
+    eps: float,
+    swiglu: bool,
+) -> torch.Tensor:
+    return _launch(x, weight, scales, residual, norm, eps, swiglu)
+
+
+@decode_matvec_op.register_fake
+def _(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode_matvec_kernel(
+        x_ptr,
+        norm_ptr,
+        w_ptr,
+        scales_ptr,
+        residual_ptr,
+        out_ptr,
+        N,
+        K,
+        stride_wn,
+        stride_wk,
+        eps,
+        PROLOGUE: tl.constexpr,
+        HAS_SCALES: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Rows past the end read row 0 again instead of masking every load; their results are not stored.
+        safe_rows = tl.where(rows < N, rows, 0)
+        scale = tl.full((), 1.0, tl.float32)
+        if PROLOGUE == 1:  # RMS norm: the whole row's mean square first (the row is in L2 by now)
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for start in range(0, K, BLOCK_K):
+                columns = start + tl.arange(0, BLOCK_K)
+                value = tl.load(x_ptr + columns, mask=columns < K, other=0.0).to(tl.float32)
+                squares += value * value
+            scale = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        # Products pile up per column and are summed once at the end, not once per block.
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            columns = start + tl.arange(0, BLOCK_K)
+            # Where K is a multiple of 16 (every Code Llama width), Triton sees that the mask is
+            # constant over 16 columns and still loads 16 bytes at a time.
+            inside = columns < K
+            if PROLOGUE == 2:  # SwiGLU: x holds the gate, then the up projection
+                gate = tl.load(x_ptr + columns, mask=inside, other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + K + columns, mask=inside, other=0.0).to(tl.float32)
+                value = gate * tl.sigmoid(gate) * up
+            else:
+                value = tl.load(x_ptr + columns, mask=inside, other=0.0).to(tl.float32)
+                if PROLOGUE == 1:
+                    gain = tl.load(norm_ptr + columns, mask=inside, other=0.0).to(tl.float32)
+                    value = value * scale * gain
+            pointers = w_ptr + safe_rows[:, None] * stride_wn + columns[None, :] * stride_wk
+            w = tl.load(pointers, mask=inside[None, :], other=0)
+            acc += w.to(tl.float32) * value[None, :]
+        total = tl.sum(acc, axis=1)
+        if HAS_SCALES:
+            total *= tl.load(scales_ptr + safe_rows).to(tl.float32)
+        if HAS_RESIDUAL:
+            total += tl.load(residual_ptr + safe_rows).to(tl.float32)
+        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+    if _interpreting():
+        return decode_matvec_kernel
+    configs = [
+        triton.Config({"BLOCK_N": rows, "BLOCK_K": columns}, num_warps=warps)
+        for rows, columns, warps in _CUDA_CONFIGS
+    ]
+    # Tuned once per matrix and prologue, at load: the warm-up's first steps run before any capture.
+    return triton.autotune(configs, key=["N", "K", "PROLOGUE", "HAS_SCALES"])(decode_matvec_kernel)

@@ -1,0 +1,78 @@
+"""The decode kernel: where it applies, its fallback, and its own tests run under Triton's CPU interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernel_model import decode_matvec
+from kernel_model.fast import quantize_rows
+
+INTERPRETED_TESTS = Path(__file__).with_name("interpreted_triton.py")
+
+
+@pytest.fixture
+def kernel_state(monkeypatch):
+    """The module's decisions as they were: a test's `prepare` must not leak into later tests."""
+    for name, value in (
+        ("_disabled", False),
+        ("_ready", {}),
+        ("_any_ready", False),
+        ("_kernel_launcher", None),
+    ):
+        monkeypatch.setattr(decode_matvec, name, value)
+
+
+def test_the_kernel_applies_to_one_row_of_the_weights_chosen(kernel_state, monkeypatch):
+    pytest.importorskip("triton", reason="the decode kernel is written in Triton")
+    cpu, one_row, prompt, scales = torch.device("cpu"), torch.zeros(1, 8), torch.zeros(4, 8), torch.ones(8)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("KERNEL_MODEL_DECODE_KERNELS", raising=False)
+    assert decode_matvec.prepare(cpu) == "none" and not decode_matvec.applies(one_row, scales)  # plain CPU
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert decode_matvec.prepare(cpu) == "int8"  # the default: int8 weights only
+    assert decode_matvec.applies(one_row, scales) and not decode_matvec.applies(one_row, None)
+    assert not decode_matvec.applies(prompt, scales)  # prompts are compute-bound: torch's products there
+    monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "all")
+    assert decode_matvec.prepare(cpu) == "all" and decode_matvec.applies(one_row, None)
+    monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "none")
+    assert decode_matvec.prepare(cpu) == "none" and not decode_matvec.applies(one_row, scales)
+    monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="KERNEL_MODEL_DECODE_KERNELS='fast'"):
+        decode_matvec.prepare(cpu)
+
+
+def test_a_failing_kernel_falls_back_to_torchs_operations(kernel_state, monkeypatch, caplog):
+    def unbuildable(*args):
+        raise RuntimeError("no compiler for this device")
+
+    monkeypatch.setattr(decode_matvec, "_ready", {("cpu", True): True})
+    monkeypatch.setattr(decode_matvec, "_any_ready", True)
+    monkeypatch.setattr(decode_matvec, "_launch", unbuildable)
+    weight, scales = quantize_rows(torch.randn(6, 16))
+    x, residual = torch.randn(1, 16), torch.randn(1, 6)
+    assert decode_matvec.applies(x, scales)
+    out = decode_matvec.matvec(x, weight, scales, residual)
+    expected = (x.double() @ weight.double().t()) * scales.double() + residual.double()
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    assert "using torch's operations instead" in caplog.text and not decode_matvec.applies(x, scales)
+
+
+def test_the_kernel_passes_its_tests_under_the_interpreter():
+    pytest.importorskip("triton", reason="the decode kernel is written in Triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("KERNEL_MODEL_DECODE_KERNELS", None)
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", str(INTERPRETED_TESTS), "-q", "-p", "no:cacheprovider"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    assert " passed" in child.stdout and "skipped" not in child.stdout, child.stdout[-2000:]
