@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import decode_matvec
+from . import decode_kernels
 from .codellama import CodeLlama, load_model, resolve_device, resolve_dtype
 from .errors import ModelError
 from .fast import PREFILL_CHUNK, FastDecoder, describe
@@ -65,8 +65,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--decode-kernels",
-        choices=decode_matvec.CHOICES,
-        help="decode products through our Triton kernel: for int8 weights (the default), all, none",
+        choices=decode_kernels.CHOICES,
+        help="a decode step's work through our Triton kernels: int8 weights' products (default), all, none",
     )
     p.add_argument(
         "--prompt-attention",
@@ -426,10 +426,7 @@ def run(args: argparse.Namespace) -> dict:
                   "kv_heads": shape.n_kv_heads, "hidden": shape.hidden_dim, "vocab": shape.vocab_size},
         "dtype": str(dtype).removeprefix("torch."),
         "quant": args.quant,
-        "decode_kernels": {  # products through decode_matvec's Triton kernel, by weights
-            "int8": decode_matvec.ready(device, int8=True),
-            "float": decode_matvec.ready(device, int8=False),
-        },
+        "decode_kernels": {what: decode_kernels.ready(device, what) for what in ("int8", "all")},
         "compile": args.compile,
         "prefill_chunk": args.prefill_chunk,
         "prompt_attention": args.prompt_attention,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import decode_matvec
+from . import decode_kernels
 from .checkpoint import MAX_CONTEXT, load_transformer
 from .errors import ModelError
 from .fast import MIN_BUCKET, FastDecoder, FastTransformer, describe, int8_parameters, quantize_int8
@@ -174,7 +174,7 @@ class CodeLlama:
         if graphs and not cuda:
             raise ModelError("CUDA graphs need a CUDA device")
         fast_model = FastTransformer(self.model)
-        if self.quant and cuda and not compile and not decode_matvec.ready(self.device, int8=True):
+        if self.quant and cuda and not compile and not decode_kernels.ready(self.device, "int8"):
             # Without the kernel each step converts every int8 matrix to bf16 in memory: slower than bf16.
             log.warning("int8 weights decode fast only with Triton installed, or compiled (compile=True)")
         return FastDecoder(fast_model, graphs=cuda if graphs is None else graphs, compile=compile)

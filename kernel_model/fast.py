@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from . import decode_matvec
+from . import decode_kernels
 from .model import KVCache, ModelArgs, Transformer, check_positions
 
 log = logging.getLogger(__name__)
@@ -167,10 +167,10 @@ class FastLayer(nn.Module):
 
 
 def linear(x: torch.Tensor, matrix: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """x @ matrix [in, out], int8 matrices scaled per output; one row goes to `decode_matvec` where
+    """x @ matrix [in, out], int8 matrices scaled per output; one row goes to `decode_kernels` where
     it runs (which reads int8 as it is), else int8 is converted to x's dtype first."""
-    if decode_matvec.applies(x, scales):
-        return decode_matvec.matvec(x, matrix.t(), scales)
+    if decode_kernels.applies(x, scales):
+        return decode_kernels.matvec(x, matrix.t(), scales)
     if scales is None:
         return x @ matrix
     return (x @ matrix.to(x.dtype)) * scales
@@ -180,8 +180,8 @@ def residual(
     h: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor, scales: torch.Tensor | None
 ) -> torch.Tensor:
     """h + x @ matrix, in one op where it can: the decode kernel's residual add, or addmm (2-D)."""
-    if decode_matvec.applies(x, scales):
-        return decode_matvec.matvec(x, matrix.t(), scales, residual=h)
+    if decode_kernels.applies(x, scales):
+        return decode_kernels.matvec(x, matrix.t(), scales, residual=h)
     if scales is None:
         return torch.addmm(h, x, matrix) if h.dim() == 2 else h + x @ matrix
     return h + linear(x, matrix, scales)
@@ -191,8 +191,8 @@ def norm_linear(
     h: torch.Tensor, norm: torch.Tensor, eps: float, matrix: torch.Tensor, scales: torch.Tensor | None
 ) -> torch.Tensor:
     """linear(rms_norm(h)): for one row, the norm inside the decode kernel where it runs."""
-    if decode_matvec.applies(h, scales):
-        return decode_matvec.matvec(h, matrix.t(), scales, norm=norm, eps=eps)
+    if decode_kernels.applies(h, scales):
+        return decode_kernels.matvec(h, matrix.t(), scales, norm=norm, eps=eps)
     return linear(rms_norm(h, norm, eps), matrix, scales)
 
 
@@ -200,8 +200,8 @@ def swiglu_residual(
     h: torch.Tensor, gate_up: torch.Tensor, matrix: torch.Tensor, scales: torch.Tensor | None
 ) -> torch.Tensor:
     """h + (silu(gate) * up) @ matrix for gate_up = [gate, up]: for one row, all in the decode kernel."""
-    if decode_matvec.applies(h, scales):
-        return decode_matvec.matvec(gate_up, matrix.t(), scales, residual=h, swiglu=True)
+    if decode_kernels.applies(h, scales):
+        return decode_kernels.matvec(gate_up, matrix.t(), scales, residual=h, swiglu=True)
     hidden = gate_up.shape[-1] // 2
     return residual(h, F.silu(gate_up[..., :hidden]) * gate_up[..., hidden:], matrix, scales)
 
@@ -296,7 +296,7 @@ class FastTransformer(nn.Module):
         self.norm = model.norm.weight.detach()
         vocab, dim = model.output.weight.shape
         self.wout, self.sout = _fuse([model.output], transposes(self.embedding.device, vocab, dim))
-        decode_matvec.prepare(self.device)
+        decode_kernels.prepare(self.device)
         self.rope = RotaryTable(self.args.head_dim, self.args.rope_theta, self.args.max_context, self.device)
         # Each layer's weights as one plain tuple: the one-token path reads them per op.
         self._plan = [(*layer.before_attention, *layer.after_attention) for layer in self.layers]
@@ -488,7 +488,7 @@ class FastDecoder:
             backend = "inductor" if compile is True else compile
             # Only with coordinate-descent tuning does inductor turn a one-row matrix product into a
             # reduction of its own (gpt-fast's recipe): on an H200 bf16 decoded at 220-239 tok/s
-            # this way. Int8 products go to decode_matvec's kernel where Triton runs; else inductor
+            # this way. Int8 products go to decode_kernels' kernel where Triton runs; else inductor
             # converts each matrix whole first, which decoded at 0.8x bf16 (BENCHMARKS.md).
             options = {"coordinate_descent_tuning": True} if backend == "inductor" and cuda else None
             self._step = torch.compile(self._static_step, backend=backend, fullgraph=True, options=options)
@@ -572,17 +572,28 @@ class FastDecoder:
         """token [1, 1] at position [1] (device tensors) → logits [1, V], attending over `span` keys."""
         fast = self.fast
         project, finish = fast.halves
-        freqs = (fast.rope.pairs if self.compiled else fast.rope.table).index_select(0, position)
+        args = fast.args
+        # RoPE and the cache write in one kernel of ours (one program per head; power-of-two widths)
+        fused = decode_kernels.ready(self.device, "all") and args.head_dim & (args.head_dim - 1) == 0
+        if not fused:
+            freqs = (fast.rope.pairs if self.compiled else fast.rope.table).index_select(0, position)
         visible = (torch.arange(span, device=position.device) <= position).view(1, 1, 1, span)  # keys so far
         h = F.embedding(token, fast.embedding)
+        batch, hkv, d = 1, args.n_kv_heads, args.head_dim
         for index, layer in enumerate(fast.layers):
-            q, k, v = project(h, freqs, *layer.before_attention)
-            # index_put_ on the whole cache, not a copy into a layer's view: compiled, a write
-            # through a view becomes a copy of the entire cache per step (measured with inductor).
-            layer_at = self._layer_index[index]
-            batch, hkv, _, d = k.shape
-            torch.ops.aten.index_put_(k_cache, [layer_at, None, None, position], k.reshape(1, batch, hkv, d))
-            torch.ops.aten.index_put_(v_cache, [layer_at, None, None, position], v.reshape(1, batch, hkv, d))
+            if fused:
+                norm, wqkv, sqkv = layer.before_attention
+                qkv = norm_linear(h, norm, args.norm_eps, wqkv, sqkv)
+                q = decode_kernels.rope_into_cache(
+                    qkv, fast.rope.pairs, position, k_cache, v_cache, index, layer.n_heads
+                )
+            else:
+                q, k, v = project(h, freqs, *layer.before_attention)
+                # index_put_ on the whole cache, not a copy into a layer's view: compiled, a write
+                # through a view becomes a copy of the entire cache per step (measured with inductor).
+                at = [self._layer_index[index], None, None, position]
+                torch.ops.aten.index_put_(k_cache, at, k.reshape(1, batch, hkv, d))
+                torch.ops.aten.index_put_(v_cache, at, v.reshape(1, batch, hkv, d))
             keys, values = k_cache[index, :, :, :span], v_cache[index, :, :, :span]
             grouped = q.reshape(batch, hkv, layer.n_heads // hkv, d)  # GQA without copying the cache
             out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible)

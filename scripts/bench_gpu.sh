@@ -12,7 +12,7 @@
 #   compiled  --compile: decode, prefill 1k/4k/16k, first token after an edit      (limit 260 s)
 #   int8      --quant int8 on the default path (the Triton kernel): against graphs  (limit 110 s)
 #   int8-compiled  --compile --quant int8 (the kernel inside the compiled step): against compiled (170 s)
-#   fused     bf16 through the same kernel, norms and SwiGLU in it (--decode-kernels all): against graphs (100 s)
+#   fused     bf16 through our kernels, norms, SwiGLU, RoPE in them (--decode-kernels all): against graphs (100 s)
 #   fused-compiled  the same with --compile: against compiled                          (limit 260 s)
 #   chunk16k  the default path with 16k prompts in one chunk (flash attention)      (limit 90 s)
 #   cudnn     the same, cuDNN's attention first for fresh prompts                    (limit 90 s)

@@ -1,4 +1,4 @@
-"""Run by tests/test_decode_matvec.py in a child with TRITON_INTERPRET=1: the decode kernel on the CPU.
+"""Run by tests/test_decode_kernels.py in a child with TRITON_INTERPRET=1: the decode kernel on the CPU.
 
 Triton's interpreter must be chosen before Triton is first imported (its own library functions are
 built then), so these tests cannot share the main test process, and pytest does not collect this
@@ -12,23 +12,23 @@ import os
 import pytest
 import torch
 
-from kernel_model import decode_matvec
+from kernel_model import decode_kernels
 from kernel_model.bench import random_transformer
-from kernel_model.fast import FastDecoder, FastTransformer, quantize_int8, quantize_rows
+from kernel_model.fast import FastDecoder, FastTransformer, RotaryTable, quantize_int8, quantize_rows, rotate
 from kernel_model.model import ModelArgs
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip(
-        "needs TRITON_INTERPRET=1 from the start (tests/test_decode_matvec.py sets it)",
+        "needs TRITON_INTERPRET=1 from the start (tests/test_decode_kernels.py sets it)",
         allow_module_level=True,
     )
 
 
 @pytest.fixture(autouse=True)
 def kernels_for_all_weights(monkeypatch):
-    monkeypatch.setattr(decode_matvec, "_disabled", False)
+    monkeypatch.setattr(decode_kernels, "_disabled", False)
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "all")
-    assert decode_matvec.prepare(torch.device("cpu")) == "all"
+    assert decode_kernels.prepare(torch.device("cpu")) == "all"
 
 
 def reference(x, weight, scales, residual, norm, eps, swiglu):
@@ -63,15 +63,39 @@ def test_kernel_computes_its_products(dtype, int8, prologue, with_residual, rows
     residual = draw(1, 1, rows) if with_residual else None
     norm = draw(columns).abs() + 0.5 if prologue == "rms_norm" else None
     arguments = (x, weight, scales, residual, norm, 1e-5, prologue == "swiglu")
-    assert decode_matvec.applies(x, scales)
-    out = decode_matvec.matvec(*arguments)
+    assert decode_kernels.applies(x, scales)
+    out = decode_kernels.matvec(*arguments)
     assert out.shape == (1, 1, rows) and out.dtype == dtype
-    assert decode_matvec.applies(x, scales)  # the kernel ran: a failure would have turned it off
+    assert decode_kernels.applies(x, scales)  # the kernel ran: a failure would have turned it off
     expected = reference(*arguments)
     # float32: sums in another order. bf16: within one step of its 8-bit mantissa, since the
     # interpreter truncates where a GPU rounds to nearest.
     tolerance = 1e-5 if dtype == torch.float32 else 2**-7
     assert ((out.double() - expected).abs() <= tolerance * expected.abs() + 1e-4).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_into_cache_rotates_and_writes_as_torch_does(dtype):
+    hq, hkv, d, layers, capacity, position, layer = 4, 2, 16, 3, 8, 5, 1
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(1, 1, (hq + 2 * hkv) * d, generator=generator).to(dtype)
+    table = RotaryTable(d, 1e6, capacity, torch.device("cpu"))
+    table.reserve(capacity)
+    k_cache, v_cache = (torch.zeros(layers, 1, hkv, capacity, d, dtype=dtype) for _ in range(2))
+    q = decode_kernels.rope_into_cache(
+        qkv, table.pairs, torch.tensor([position]), k_cache, v_cache, layer, hq
+    )
+    heads = qkv.view(1, 1, hq + 2 * hkv, d)
+    rotated = rotate(heads[:, :, : hq + hkv], table(position, position + 1))  # torch's own RoPE
+    tolerance = 1e-6 if dtype == torch.float32 else 2**-7
+    assert torch.allclose(q.float(), rotated[0, 0, :hq].float().view(1, hq, 1, d), rtol=tolerance, atol=1e-6)
+    keys = k_cache[layer, 0, :, position]
+    assert torch.allclose(keys.float(), rotated[0, 0, hq:].float(), rtol=tolerance, atol=1e-6)
+    assert torch.equal(v_cache[layer, 0, :, position], heads[0, 0, hq + hkv :])
+    written = torch.zeros(layers, capacity, dtype=torch.bool)
+    written[layer, position] = True
+    for cache in (k_cache, v_cache):  # nothing else was touched
+        assert not cache.permute(0, 3, 1, 2, 4)[~written].any()
 
 
 def fast_model(int8: bool, seed: int = 5) -> FastTransformer:
@@ -101,17 +125,24 @@ def test_decoding_through_the_kernel_gives_torchs_tokens(monkeypatch, step, int8
     expected = greedy(FastDecoder(fast_model(int8), static=True), prompt, 12)
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "int8" if int8 else "all")
     launches = []
-    launch = decode_matvec._launch
+    launch, rope_launch = decode_kernels._launch, decode_kernels._rope_launch
 
     def counted(x, weight, scales, residual, norm, eps, swiglu):  # outside any trace: compiled, in the op
         launches.append("swiglu" if swiglu else "norm" if norm is not None else "residual")
         assert (residual is not None) == (launches[-1] != "norm")
         return launch(x, weight, scales, residual, norm, eps, swiglu)
 
-    monkeypatch.setattr(decode_matvec, "_launch", counted)
+    def counted_rope(*args):
+        launches.append("rope")
+        return rope_launch(*args)
+
+    monkeypatch.setattr(decode_kernels, "_launch", counted)
+    monkeypatch.setattr(decode_kernels, "_rope_launch", counted_rope)
     assert greedy(FastDecoder(fast_model(int8), **STEPS[step]), prompt, 12) == expected
     # 11 steps of 2 layers: q/k/v and gate/up after their norms, the attention's output and the
     # down projection (after SwiGLU) with their residual adds; then the output after the last
     # norm, once more for the prompt's last row, the only one whose logits a prefill computes.
-    counts = {kind: launches.count(kind) for kind in ("norm", "residual", "swiglu")}
-    assert counts == {"norm": 11 * 5 + 1, "residual": 11 * 2, "swiglu": 11 * 2}
+    # RoPE and the cache write once a layer, where all kernels are on and the step is static.
+    counts = {kind: launches.count(kind) for kind in ("norm", "residual", "swiglu", "rope")}
+    rope = 0 if int8 or step == "eager" else 11 * 2
+    assert counts == {"norm": 11 * 5 + 1, "residual": 11 * 2, "swiglu": 11 * 2, "rope": rope}

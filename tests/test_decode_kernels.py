@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernel_model import decode_matvec
+from kernel_model import decode_kernels
 from kernel_model.fast import quantize_rows
 
 INTERPRETED_TESTS = Path(__file__).with_name("interpreted_triton.py")
@@ -23,9 +23,9 @@ def kernel_state(monkeypatch):
         ("_disabled", False),
         ("_ready", {}),
         ("_any_ready", False),
-        ("_kernel_launcher", None),
+        ("_kernels", {}),
     ):
-        monkeypatch.setattr(decode_matvec, name, value)
+        monkeypatch.setattr(decode_kernels, name, value)
 
 
 def test_the_kernel_applies_to_one_row_of_the_weights_chosen(kernel_state, monkeypatch):
@@ -33,34 +33,34 @@ def test_the_kernel_applies_to_one_row_of_the_weights_chosen(kernel_state, monke
     cpu, one_row, prompt, scales = torch.device("cpu"), torch.zeros(1, 8), torch.zeros(4, 8), torch.ones(8)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("KERNEL_MODEL_DECODE_KERNELS", raising=False)
-    assert decode_matvec.prepare(cpu) == "none" and not decode_matvec.applies(one_row, scales)  # plain CPU
+    assert decode_kernels.prepare(cpu) == "none" and not decode_kernels.applies(one_row, scales)  # plain CPU
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert decode_matvec.prepare(cpu) == "int8"  # the default: int8 weights only
-    assert decode_matvec.applies(one_row, scales) and not decode_matvec.applies(one_row, None)
-    assert not decode_matvec.applies(prompt, scales)  # prompts are compute-bound: torch's products there
+    assert decode_kernels.prepare(cpu) == "int8"  # the default: int8 weights only
+    assert decode_kernels.applies(one_row, scales) and not decode_kernels.applies(one_row, None)
+    assert not decode_kernels.applies(prompt, scales)  # prompts are compute-bound: torch's products there
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "all")
-    assert decode_matvec.prepare(cpu) == "all" and decode_matvec.applies(one_row, None)
+    assert decode_kernels.prepare(cpu) == "all" and decode_kernels.applies(one_row, None)
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "none")
-    assert decode_matvec.prepare(cpu) == "none" and not decode_matvec.applies(one_row, scales)
+    assert decode_kernels.prepare(cpu) == "none" and not decode_kernels.applies(one_row, scales)
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "fast")
     with pytest.raises(ValueError, match="KERNEL_MODEL_DECODE_KERNELS='fast'"):
-        decode_matvec.prepare(cpu)
+        decode_kernels.prepare(cpu)
 
 
 def test_a_failing_kernel_falls_back_to_torchs_operations(kernel_state, monkeypatch, caplog):
     def unbuildable(*args):
         raise RuntimeError("no compiler for this device")
 
-    monkeypatch.setattr(decode_matvec, "_ready", {("cpu", True): True})
-    monkeypatch.setattr(decode_matvec, "_any_ready", True)
-    monkeypatch.setattr(decode_matvec, "_launch", unbuildable)
+    monkeypatch.setattr(decode_kernels, "_ready", {("cpu", "int8"): True})
+    monkeypatch.setattr(decode_kernels, "_any_ready", True)
+    monkeypatch.setattr(decode_kernels, "_launch", unbuildable)
     weight, scales = quantize_rows(torch.randn(6, 16))
     x, residual = torch.randn(1, 16), torch.randn(1, 6)
-    assert decode_matvec.applies(x, scales)
-    out = decode_matvec.matvec(x, weight, scales, residual)
+    assert decode_kernels.applies(x, scales)
+    out = decode_kernels.matvec(x, weight, scales, residual)
     expected = (x.double() @ weight.double().t()) * scales.double() + residual.double()
     assert torch.allclose(out.double(), expected, atol=1e-5)
-    assert "using torch's operations instead" in caplog.text and not decode_matvec.applies(x, scales)
+    assert "using torch's operations instead" in caplog.text and not decode_kernels.applies(x, scales)
 
 
 def test_the_kernel_passes_its_tests_under_the_interpreter():

@@ -1,23 +1,26 @@
-"""A decode step's one-row matrix products as Triton kernels that also do the work around them.
+"""A decode step's work as few Triton kernels: its one-row products with the norms, SwiGLU and
+residual adds around them, and RoPE with the write into the KV cache.
 
 A decode step reads every weight once for one row of activations, so its speed is the bytes it
-reads and the kernels it launches. Two things the plain ops do badly there:
+reads and the kernels it launches. Two things torch's ops do badly there:
 
 - Int8 weights halve the bytes only if they are widened in registers. Converting a matrix to bf16
   first reads the int8 copy, then writes and reads a bf16 one: more traffic than bf16 alone.
   Compiled, inductor was to fuse the conversion into a reduction of its own (gpt-fast's recipe),
   yet on an H200 int8 decoded at 0.80x bf16.
-- Each layer launches a dozen small kernels besides its four products (norms, SwiGLU, residual
-  adds), each a few microseconds even replayed from a CUDA graph.
+- Each layer launches 16 kernels (18 with int8), each a few microseconds even replayed from a
+  CUDA graph: on the default (graph-replayed, uncompiled) path 7B decoded at 57% of roofline.
 
-One kernel covers both: each program reads a few weight rows once (int8 with per-row scales, or
-float) against the activations, and can take the RMS norm before the product (every program sums
-the squares of the 4,096-wide row itself, from L2) or SwiGLU of a gate/up pair, and add the
-residual stream after it. Sums, norm, scale and residual are all taken in float32 with one rounding.
+`matvec`: each program reads a few weight rows once (int8 with per-row scales, or float) against
+the activations, and can take the RMS norm before the product (every program sums the squares of
+the 4,096-wide row itself, from L2) or SwiGLU of a gate/up pair, and add the residual stream after
+it; sums, norm, scale and residual in float32, one rounding. `rope_into_cache`: one program per
+head rotates the queries and keys and writes keys and values at the step's position. A layer is
+then 6 kernels: q/k/v, RoPE and cache, attention, output, gate/up, down.
 
-`KERNEL_MODEL_DECODE_KERNELS` chooses, at model load: `int8` (the default: int8 weights only, which
-have nothing better), `all` (float weights too, in place of cuBLAS's products and torch's norms;
-off by default until a GPU has measured it), `none` (the torch ops, as before: the benchmark's
+`KERNEL_MODEL_DECODE_KERNELS` chooses, at model load: `int8` (the default: int8 weights' products
+only, which have nothing better), `all` (every product and RoPE, in place of cuBLAS and torch's
+ops; off by default until a GPU has measured it), `none` (torch's ops, as before: the benchmark's
 baseline). The kernels run on CUDA, and on a CPU under Triton's interpreter (`TRITON_INTERPRET=1`
 before Triton is imported), which is how the tests check them without a GPU.
 """
@@ -51,10 +54,10 @@ _CUDA_CONFIGS = [
 ]
 _INTERPRETER_BLOCKS = (16, 64)  # the interpreter runs every program in Python: fewer, larger ones
 
-_ready: dict[tuple[str, bool], bool] = {}  # (device type, int8 weights) -> kernels on (see `prepare`)
-_any_ready = False  # so that a CPU decode step, which never uses the kernel, pays one read per product
-_kernel_launcher = None  # built by `prepare`
-_disabled = False  # set once if the kernel fails at run time: decoding carries on with torch's ops
+_ready: dict[tuple[str, str], bool] = {}  # (device type, "int8" or "all") -> on there (see `prepare`)
+_any_ready = False  # so that a CPU decode step, which never uses the kernels, pays one read per product
+_kernels: dict = {}  # built by `prepare`
+_disabled = False  # set once if a kernel fails at run time: decoding carries on with torch's ops
 
 
 def choice() -> str:
@@ -65,33 +68,33 @@ def choice() -> str:
 
 
 def prepare(device: torch.device) -> str:
-    """Decide, at model load, which weights' decode products on `device` use the kernel; build it if any.
+    """Decide, at model load, what on `device` goes through the kernels; build them if anything does.
 
-    Returns what was chosen there (int8, all or none). Deciding here keeps `applies` and `matvec`
-    down to reading module state, which torch.compile traces as constants: tracing Triton's own
-    set-up would break the compiled step's graph.
+    Returns what was chosen there (int8, all or none). Deciding here keeps `applies` and the
+    kernels' callers down to reading module state, which torch.compile traces as constants:
+    tracing Triton's own set-up would break the compiled step's graph.
     """
-    global _kernel_launcher, _any_ready
+    global _any_ready
     wanted = choice()
     here = device.type == "cuda" or (device.type == "cpu" and _interpreting())
     if not here or importlib.util.find_spec("triton") is None:
         wanted = "none"
-    _ready[(device.type, True)] = wanted in ("int8", "all")
-    _ready[(device.type, False)] = wanted == "all"
+    _ready[(device.type, "int8")] = wanted in ("int8", "all")
+    _ready[(device.type, "all")] = wanted == "all"
     _any_ready = any(_ready.values())
-    if wanted != "none" and _kernel_launcher is None:
-        _kernel_launcher = _kernel()
+    if wanted != "none" and not _kernels:
+        _kernels.update(_build())
     return wanted
 
 
-def ready(device: torch.device, int8: bool) -> bool:
-    """Whether one-row products of int8 (or float) weights on `device` go through the kernel."""
-    return not _disabled and _ready.get((device.type, int8), False)
+def ready(device: torch.device, what: str) -> bool:
+    """Whether `what` on `device` goes through the kernels: "int8" (int8 weights' products) or "all"."""
+    return not _disabled and _ready.get((device.type, what), False)
 
 
 def applies(x: torch.Tensor, scales: torch.Tensor | None) -> bool:
-    """Whether the kernel computes `x @ W`: one row of activations, weights `prepare` chose it for."""
-    return _any_ready and x.numel() == x.shape[-1] and ready(x.device, scales is not None)
+    """Whether `matvec` computes `x @ W`: one row of activations, weights `prepare` chose it for."""
+    return _any_ready and x.numel() == x.shape[-1] and ready(x.device, "all" if scales is None else "int8")
 
 
 def _interpreting() -> bool:
@@ -118,10 +121,14 @@ def matvec(
     try:
         return _launch(x, weight, scales, residual, norm, eps, swiglu)
     except Exception as exc:  # a kernel that cannot build here must not fail decoding
-        global _disabled
-        _disabled = True
-        log.warning("decode matrix-vector kernel failed, using torch's operations instead: %s", exc)
+        _disable(exc)
         return _reference(x, weight, scales, residual, norm, eps, swiglu)
+
+
+def _disable(exc: Exception) -> None:
+    global _disabled
+    _disabled = True
+    log.warning("a decode kernel failed, using torch's operations instead: %s", exc)
 
 
 def _reference(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
@@ -147,7 +154,7 @@ def _launch(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
     def grid(meta: dict) -> tuple[int]:
         return ((rows + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],)
 
-    _kernel_launcher[grid](
+    _kernels["matvec"][grid](
         x.contiguous(),
         # Pointers the kernel does not read stand in for absent tensors.
         weight if norm is None else norm,
@@ -166,6 +173,48 @@ def _launch(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
         **blocks,
     )
     return out
+
+
+def rope_into_cache(
+    qkv: torch.Tensor,
+    pairs: torch.Tensor,
+    position: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layer: int,
+    n_heads: int,
+) -> torch.Tensor:
+    """One step's queries [1, Hq, 1, D], rotated; its keys (rotated) and values written into the cache.
+
+    qkv [..., (Hq + 2 Hkv) D] is the q/k/v product of one row; pairs [positions, D/2, 2] holds each
+    position's (cos, sin) (Meta's interleaved pairs); position [1] is the step's, on the device;
+    the caches are [layers, 1, Hkv, capacity, D]. Call it where `ready(device, "all")`: a failure
+    here propagates, since the cache may be half written.
+    """
+    if torch.compiler.is_compiling():
+        return rope_into_cache_op(qkv, pairs, position, k_cache, v_cache, layer, n_heads)
+    return _rope_launch(qkv, pairs, position, k_cache, v_cache, layer, n_heads)
+
+
+def _rope_launch(qkv, pairs, position, k_cache, v_cache, layer, n_heads) -> torch.Tensor:
+    n_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[4]
+    q = qkv.new_empty((1, n_heads, 1, head_dim))
+    _kernels["rope"][(n_heads + 2 * n_kv_heads,)](
+        qkv.contiguous(),
+        pairs,
+        position,
+        k_cache,
+        v_cache,
+        q,
+        layer * k_cache.stride(0),
+        k_cache.stride(2),
+        k_cache.stride(3),
+        pairs.stride(0),
+        HQ=n_heads,
+        HKV=n_kv_heads,
+        D=head_dim,
+    )
+    return q
 
 
 # Compiled steps see the kernel as one opaque operator: inductor places the call and CUDA graphs
@@ -188,7 +237,25 @@ def _(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _kernel():
+@torch.library.custom_op("kernel_model::rope_into_cache", mutates_args=("k_cache", "v_cache"))
+def rope_into_cache_op(
+    qkv: torch.Tensor,
+    pairs: torch.Tensor,
+    position: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layer: int,
+    n_heads: int,
+) -> torch.Tensor:
+    return _rope_launch(qkv, pairs, position, k_cache, v_cache, layer, n_heads)
+
+
+@rope_into_cache_op.register_fake
+def _(qkv, pairs, position, k_cache, v_cache, layer, n_heads) -> torch.Tensor:
+    return qkv.new_empty((1, n_heads, 1, k_cache.shape[4]))
+
+
+def _build() -> dict:
     import triton
     import triton.language as tl
 
@@ -248,11 +315,54 @@ def _kernel():
             total += tl.load(residual_ptr + safe_rows).to(tl.float32)
         tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=rows < N)
 
+    @triton.jit
+    def rope_cache_kernel(
+        qkv_ptr,
+        pairs_ptr,
+        position_ptr,
+        k_ptr,
+        v_ptr,
+        q_ptr,
+        layer_offset,
+        head_stride,
+        position_stride,
+        pairs_stride,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        D: tl.constexpr,
+    ):
+        head = tl.program_id(0)  # queries, then keys, then values: qkv's own order
+        position = tl.load(position_ptr)
+        row_ptr = qkv_ptr + head * D
+        half = tl.arange(0, D // 2)
+        if head < HQ + HKV:  # Meta's RoPE on interleaved pairs, in float32
+            even = tl.load(row_ptr + 2 * half).to(tl.float32)
+            odd = tl.load(row_ptr + 2 * half + 1).to(tl.float32)
+            cos = tl.load(pairs_ptr + position * pairs_stride + 2 * half)
+            sin = tl.load(pairs_ptr + position * pairs_stride + 2 * half + 1)
+            even, odd = even * cos - odd * sin, even * sin + odd * cos
+            if head < HQ:
+                out_ptr = q_ptr + head * D
+                tl.store(out_ptr + 2 * half, even.to(q_ptr.dtype.element_ty))
+                tl.store(out_ptr + 2 * half + 1, odd.to(q_ptr.dtype.element_ty))
+            else:
+                out_ptr = k_ptr + layer_offset + (head - HQ) * head_stride + position * position_stride
+                tl.store(out_ptr + 2 * half, even.to(k_ptr.dtype.element_ty))
+                tl.store(out_ptr + 2 * half + 1, odd.to(k_ptr.dtype.element_ty))
+        else:
+            columns = tl.arange(0, D)
+            out_ptr = v_ptr + layer_offset + (head - HQ - HKV) * head_stride + position * position_stride
+            tl.store(out_ptr + columns, tl.load(row_ptr + columns).to(v_ptr.dtype.element_ty))
+
+    kernels = {"matvec": decode_matvec_kernel, "rope": rope_cache_kernel}
     if _interpreting():
-        return decode_matvec_kernel
+        return kernels
     configs = [
         triton.Config({"BLOCK_N": rows, "BLOCK_K": columns}, num_warps=warps)
         for rows, columns, warps in _CUDA_CONFIGS
     ]
     # Tuned once per matrix and prologue, at load: the warm-up's first steps run before any capture.
-    return triton.autotune(configs, key=["N", "K", "PROLOGUE", "HAS_SCALES"])(decode_matvec_kernel)
+    kernels["matvec"] = triton.autotune(configs, key=["N", "K", "PROLOGUE", "HAS_SCALES"])(
+        decode_matvec_kernel
+    )
+    return kernels
