@@ -121,14 +121,10 @@ def matvec(
     try:
         return _launch(x, weight, scales, residual, norm, eps, swiglu)
     except Exception as exc:  # a kernel that cannot build here must not fail decoding
-        _disable(exc)
+        global _disabled
+        _disabled = True
+        log.warning("the decode kernels failed, using torch's operations instead: %s", exc)
         return _reference(x, weight, scales, residual, norm, eps, swiglu)
-
-
-def _disable(exc: Exception) -> None:
-    global _disabled
-    _disabled = True
-    log.warning("a decode kernel failed, using torch's operations instead: %s", exc)
 
 
 def _reference(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
@@ -175,27 +171,6 @@ def _launch(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
     return out
 
 
-def rope_into_cache(
-    qkv: torch.Tensor,
-    pairs: torch.Tensor,
-    position: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    layer: int,
-    n_heads: int,
-) -> torch.Tensor:
-    """One step's queries [1, Hq, 1, D], rotated; its keys (rotated) and values written into the cache.
-
-    qkv [..., (Hq + 2 Hkv) D] is the q/k/v product of one row; pairs [positions, D/2, 2] holds each
-    position's (cos, sin) (Meta's interleaved pairs); position [1] is the step's, on the device;
-    the caches are [layers, 1, Hkv, capacity, D]. Call it where `ready(device, "all")`: a failure
-    here propagates, since the cache may be half written.
-    """
-    if torch.compiler.is_compiling():
-        return rope_into_cache_op(qkv, pairs, position, k_cache, v_cache, layer, n_heads)
-    return _rope_launch(qkv, pairs, position, k_cache, v_cache, layer, n_heads)
-
-
 def _rope_launch(qkv, pairs, position, k_cache, v_cache, layer, n_heads) -> torch.Tensor:
     n_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[4]
     q = qkv.new_empty((1, n_heads, 1, head_dim))
@@ -237,8 +212,10 @@ def _(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+# An operator even when eager: only static steps call it, and CUDA graphs replay them without the
+# dispatcher's overhead.
 @torch.library.custom_op("kernel_model::rope_into_cache", mutates_args=("k_cache", "v_cache"))
-def rope_into_cache_op(
+def rope_into_cache(
     qkv: torch.Tensor,
     pairs: torch.Tensor,
     position: torch.Tensor,
@@ -247,10 +224,17 @@ def rope_into_cache_op(
     layer: int,
     n_heads: int,
 ) -> torch.Tensor:
+    """One step's queries [1, Hq, 1, D], rotated; its keys (rotated) and values written into the cache.
+
+    qkv [..., (Hq + 2 Hkv) D] is the q/k/v product of one row; pairs [positions, D/2, 2] holds each
+    position's (cos, sin) (Meta's interleaved pairs); position [1] is the step's, on the device;
+    the caches are [layers, 1, Hkv, capacity, D]. Call it where `ready(device, "all")`: a failure
+    here propagates, since the cache may be half written.
+    """
     return _rope_launch(qkv, pairs, position, k_cache, v_cache, layer, n_heads)
 
 
-@rope_into_cache_op.register_fake
+@rope_into_cache.register_fake
 def _(qkv, pairs, position, k_cache, v_cache, layer, n_heads) -> torch.Tensor:
     return qkv.new_empty((1, n_heads, 1, k_cache.shape[4]))
 

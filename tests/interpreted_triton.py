@@ -114,7 +114,12 @@ def greedy(decoder: FastDecoder, prompt: list[int], new_tokens: int) -> list[int
         return [first, *(next(steps) for _ in range(new_tokens - 1))]
 
 
-STEPS = {"eager": {}, "static": {"static": True}, "compiled": {"static": True, "compile": "aot_eager"}}
+STEPS = {
+    "eager": {},
+    "static": {"static": True},
+    "traced": {"static": True, "compile": "aot_eager"},
+    "inductor": {"static": True, "compile": True},  # on a CPU: C++ around our operators
+}
 
 
 @pytest.mark.parametrize("step", STEPS)
