@@ -21,8 +21,9 @@ then 6 kernels: q/k/v, RoPE and cache, attention, output, gate/up, down.
 `KERNEL_MODEL_DECODE_KERNELS` chooses, at model load: `int8` (the default: int8 weights' products
 only, which have nothing better), `all` (every product and RoPE, in place of cuBLAS and torch's
 ops; off by default until a GPU has measured it), `none` (torch's ops, as before: the benchmark's
-baseline). The kernels run on CUDA, and on a CPU under Triton's interpreter (`TRITON_INTERPRET=1`
-before Triton is imported), which is how the tests check them without a GPU.
+baseline). Before a model uses them, `prepare` runs each variant once against torch's operations
+and drops the kernels that fail. They run on CUDA, and on a CPU under Triton's interpreter
+(`TRITON_INTERPRET=1` before Triton is imported), which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ _INTERPRETER_BLOCKS = (16, 64)  # the interpreter runs every program in Python: 
 _ready: dict[tuple[str, str], bool] = {}  # (device type, "int8" or "all") -> on there (see `prepare`)
 _any_ready = False  # so that a CPU decode step, which never uses the kernels, pays one read per product
 _kernels: dict = {}  # built by `prepare`
+_checked: dict[tuple[str, str], bool] = {}  # (device type, choice) -> passed `_self_test`
 _disabled = False  # set once if a kernel fails at run time: decoding carries on with torch's ops
 
 
@@ -68,23 +70,90 @@ def choice() -> str:
 
 
 def prepare(device: torch.device) -> str:
-    """Decide, at model load, what on `device` goes through the kernels; build them if anything does.
+    """Decide, at model load, what on `device` goes through the kernels; build and check them if any.
 
-    Returns what was chosen there (int8, all or none). Deciding here keeps `applies` and the
-    kernels' callers down to reading module state, which torch.compile traces as constants:
-    tracing Triton's own set-up would break the compiled step's graph.
+    Returns what was chosen there (int8, all or none). The kernels are run once against torch's
+    operations first (`_self_test`): one that fails to build or computes wrong is dropped here,
+    before any step is compiled or captured, and the load goes on with torch's operations.
+    Deciding here keeps `applies` and the kernels' callers down to reading module state, which
+    torch.compile traces as constants: tracing Triton's own set-up would break the compiled step.
     """
     global _any_ready
     wanted = choice()
     here = device.type == "cuda" or (device.type == "cpu" and _interpreting())
     if not here or importlib.util.find_spec("triton") is None:
         wanted = "none"
+    if wanted != "none":
+        if not _kernels:
+            _kernels.update(_build())
+        if (device.type, wanted) not in _checked:
+            _checked[(device.type, wanted)] = _self_test(device, wanted)
+        if not _checked[(device.type, wanted)]:
+            wanted = "none"
     _ready[(device.type, "int8")] = wanted in ("int8", "all")
     _ready[(device.type, "all")] = wanted == "all"
     _any_ready = any(_ready.values())
-    if wanted != "none" and not _kernels:
-        _kernels.update(_build())
     return wanted
+
+
+def _self_test(device: torch.device, wanted: str) -> bool:
+    """Every variant a step uses against torch's operations on a small random layer; False if any fails.
+
+    Widths are multiples of 16 as a model's are, so Triton builds the same specializations the
+    model's shapes will reuse.
+    """
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=device).to(dtype)
+
+    rows, columns = 64, 256
+    norm, residual = draw(columns).abs() + 0.5, draw(1, rows)
+    try:
+        for int8 in (True, False) if wanted == "all" else (True,):
+            weight, scales = draw(rows, columns), None
+            if int8:  # per-row absmax, as fast.quantize_rows makes them
+                scales = weight.float().abs().amax(dim=1) / 127
+                weight = torch.round(weight.float() / scales[:, None]).to(torch.int8)
+                scales = scales.to(dtype)
+            for x, extra in (
+                (draw(1, columns), {"norm": norm, "eps": 1e-5}),
+                (draw(1, columns), {"residual": residual}),
+                (draw(1, 2 * columns), {"residual": residual, "swiglu": True}),
+            ):
+                arguments = {"residual": None, "norm": None, "eps": 0.0, "swiglu": False, **extra}
+                got = _launch(x, weight, scales, **arguments)
+                _compare(got, _reference(x, weight, scales, **arguments), "int8" if int8 else "float")
+        if wanted == "all":
+            _check_rope(device, dtype, draw)
+    except Exception as exc:  # building, running, or a wrong answer: torch's operations it is
+        log.warning("decode kernels unusable here (%s); using torch's operations", exc)
+        return False
+    return True
+
+
+def _compare(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    # One rounding against the reference's several: bf16 keeps ~3 significant digits.
+    distance = float((got.float() - expected.float()).norm() / expected.float().norm().clamp(min=1e-6))
+    if not distance <= 0.02:
+        raise ValueError(f"the {what} kernel's answer is off by {distance:.3g} (relative)")
+
+
+def _check_rope(device: torch.device, dtype: torch.dtype, draw) -> None:
+    n_heads, n_kv_heads, head_dim, position = 4, 2, 128, 3
+    qkv = draw(1, 1, (n_heads + 2 * n_kv_heads) * head_dim)
+    angles = draw(8, head_dim // 2).float() * 3
+    pairs = torch.stack((angles.cos(), angles.sin()), dim=-1).contiguous()
+    k_cache, v_cache = (torch.zeros(2, 1, n_kv_heads, 8, head_dim, device=device, dtype=dtype) for _ in "kv")
+    q = rope_into_cache(qkv, pairs, torch.tensor([position], device=device), k_cache, v_cache, 1, n_heads)
+    heads = qkv.view(n_heads + 2 * n_kv_heads, head_dim // 2, 2).float()
+    even, odd = heads[..., 0], heads[..., 1]
+    cos, sin = pairs[position, :, 0], pairs[position, :, 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(1)
+    _compare(q.view(n_heads, head_dim), rotated[:n_heads], "RoPE")
+    _compare(k_cache[1, 0, :, position], rotated[n_heads : n_heads + n_kv_heads], "RoPE")
+    _compare(v_cache[1, 0, :, position], heads[n_heads + n_kv_heads :].flatten(1), "cache")
 
 
 def ready(device: torch.device, what: str) -> bool:
@@ -116,7 +185,7 @@ def matvec(
     of x = [gate, up] (then x has 2K values). Scales and residual are optional. The result has x's
     shape with N last and x's dtype.
     """
-    if torch.compiler.is_compiling():  # a failure shows when the step compiles, at load
+    if torch.compiler.is_compiling():  # no fallback inside a compiled step: `prepare` tested the kernel
         return decode_matvec_op(x, weight, scales, residual, norm, eps, swiglu)
     try:
         return _launch(x, weight, scales, residual, norm, eps, swiglu)
@@ -325,18 +394,19 @@ def _build() -> dict:
             cos = tl.load(pairs_ptr + position * pairs_stride + 2 * half)
             sin = tl.load(pairs_ptr + position * pairs_stride + 2 * half + 1)
             even, odd = even * cos - odd * sin, even * sin + odd * cos
+            # Each branch names its own pointer: q and the cache may differ in type.
             if head < HQ:
-                out_ptr = q_ptr + head * D
-                tl.store(out_ptr + 2 * half, even.to(q_ptr.dtype.element_ty))
-                tl.store(out_ptr + 2 * half + 1, odd.to(q_ptr.dtype.element_ty))
+                q_out = q_ptr + head * D
+                tl.store(q_out + 2 * half, even.to(q_ptr.dtype.element_ty))
+                tl.store(q_out + 2 * half + 1, odd.to(q_ptr.dtype.element_ty))
             else:
-                out_ptr = k_ptr + layer_offset + (head - HQ) * head_stride + position * position_stride
-                tl.store(out_ptr + 2 * half, even.to(k_ptr.dtype.element_ty))
-                tl.store(out_ptr + 2 * half + 1, odd.to(k_ptr.dtype.element_ty))
+                k_out = k_ptr + layer_offset + (head - HQ) * head_stride + position * position_stride
+                tl.store(k_out + 2 * half, even.to(k_ptr.dtype.element_ty))
+                tl.store(k_out + 2 * half + 1, odd.to(k_ptr.dtype.element_ty))
         else:
             columns = tl.arange(0, D)
-            out_ptr = v_ptr + layer_offset + (head - HQ - HKV) * head_stride + position * position_stride
-            tl.store(out_ptr + columns, tl.load(row_ptr + columns).to(v_ptr.dtype.element_ty))
+            v_out = v_ptr + layer_offset + (head - HQ - HKV) * head_stride + position * position_stride
+            tl.store(v_out + columns, tl.load(row_ptr + columns).to(v_ptr.dtype.element_ty))
 
     kernels = {"matvec": decode_matvec_kernel, "rope": rope_cache_kernel}
     if _interpreting():

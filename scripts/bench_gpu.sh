@@ -5,14 +5,14 @@
 #
 # Each step is its own `python -m kernel_model bench` process under its own time limit, writing
 # OUT/STEP.json (the figures) and OUT/STEP.log (progress), so a step that runs long loses only
-# itself. Steps (default: compiled int8 long, 460 s of limits, which fit one 10-minute call; hf
+# itself. Steps (default: compiled int8 long, 500 s of limits, which fit one 10-minute call; hf
 # takes a second call; each limit includes building 7B random weights and compiling):
 #   graphs    the server's default path (CUDA graphs, no compile): compiled's figures (limit 100 s)
 #             (every decode step below also lists a decode's kernels: --profile)
 #   compiled  --compile: decode, prefill 1k/4k/16k, first token after an edit      (limit 260 s)
-#   int8      --quant int8 on the default path (the Triton kernel): against graphs  (limit 110 s)
+#   int8      --quant int8 on the default path (the Triton kernel): against graphs  (limit 150 s)
 #   int8-compiled  --compile --quant int8 (the kernel inside the compiled step): against compiled (170 s)
-#   fused     bf16 through our kernels, norms, SwiGLU, RoPE in them (--decode-kernels all): against graphs (100 s)
+#   fused     bf16 through our kernels, norms, SwiGLU, RoPE in them (--decode-kernels all): against graphs (150 s)
 #   fused-compiled  the same with --compile: against compiled                          (limit 260 s)
 #   chunk16k  the default path with 16k prompts in one chunk (flash attention)      (limit 90 s)
 #   cudnn     the same, cuDNN's attention first for fresh prompts                    (limit 90 s)
@@ -54,9 +54,9 @@ for name in "${steps[@]}"; do
     case $name in
         graphs) step graphs 100 --prompt-tokens 1024,4096,16384 --repeats 3 --profile ;;
         compiled) step compiled 260 --compile --prompt-tokens 1024,4096,16384 --repeats 3 --profile ;;
-        int8) step int8 110 --quant int8 --prompt-tokens 4096 --repeats 3 --profile ;;
+        int8) step int8 150 --quant int8 --prompt-tokens 4096 --repeats 3 --profile ;;
         int8-compiled) step int8-compiled 170 --compile --quant int8 --prompt-tokens 4096 --repeats 3 --profile ;;
-        fused) step fused 100 --decode-kernels all --prompt-tokens 4096 --repeats 3 --profile ;;
+        fused) step fused 150 --decode-kernels all --prompt-tokens 4096 --repeats 3 --profile ;;
         fused-compiled) step fused-compiled 260 --decode-kernels all --compile --prompt-tokens 4096 --repeats 3 --profile ;;
         chunk16k) step chunk16k 90 --prompt-tokens 4096,16384 --prefill-chunk 16384 --repeats 3 ;;
         cudnn) step cudnn 90 --prompt-tokens 4096,16384 --prefill-chunk 16384 --prompt-attention cudnn --repeats 3 ;;

@@ -4,9 +4,10 @@
 #   bash scripts/gpu_session.sh CORPUS.txt.xz OUT [BENCH_STEP ...]
 #
 # A lent GPU gives a session 15 minutes (start-up included) and a call 10, so the two GPU jobs share
-# one call: `scripts/bench_gpu.sh` steps (default: graphs compiled int8; 338 s on an H200 once the
-# compiled steps ran with coordinate-descent tuning, leaving training 147 s — too little to ship a
-# model, so a session meant to train gives training a call of its own), then
+# one call: `scripts/bench_gpu.sh` steps (default: graphs int8 fused, the server's path and our
+# decode kernels on it; with the compiled steps the benchmarks took 338 s on an H200 and left
+# training 147 s, too little to ship a model, so a session meant to train gives training a call of
+# its own), then
 # `scripts/train_embedded_gpu.sh` with BUDGET_SECONDS set to what the call has left. The model is
 # scored afterwards on the returned files (README, "The embedded model"), not here.
 # OUT receives results.tar (the bench JSON and logs, the training's console, progress.txt), rewritten
@@ -29,7 +30,7 @@ mkdir -p "$2/train"
 out=$(realpath "$2")
 shift 2
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(graphs compiled int8)
+[ ${#steps[@]} -eq 0 ] && steps=(graphs int8 fused)
 cd "$(dirname "$0")/.."
 results=$(mktemp -d)
 export PYTHONUNBUFFERED=1

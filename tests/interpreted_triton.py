@@ -31,6 +31,18 @@ def kernels_for_all_weights(monkeypatch):
     assert decode_kernels.prepare(torch.device("cpu")) == "all"
 
 
+def test_a_kernel_that_computes_wrong_fails_the_self_test(monkeypatch, caplog):
+    launch = decode_kernels._launch
+
+    def off_by_a_bit(*args, **kwargs):
+        return launch(*args, **kwargs) * 1.05
+
+    monkeypatch.setattr(decode_kernels, "_launch", off_by_a_bit)
+    monkeypatch.setattr(decode_kernels, "_checked", {})
+    assert decode_kernels.prepare(torch.device("cpu")) == "none"
+    assert "kernel's answer is off by 0.05" in caplog.text
+
+
 def reference(x, weight, scales, residual, norm, eps, swiglu):
     """The kernel's arithmetic in float64 torch."""
     x = x.double()
@@ -129,6 +141,7 @@ def test_decoding_through_the_kernel_gives_torchs_tokens(monkeypatch, step, int8
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "none")
     expected = greedy(FastDecoder(fast_model(int8), static=True), prompt, 12)
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "int8" if int8 else "all")
+    decoder = FastDecoder(fast_model(int8), **STEPS[step])  # loading runs the kernels' self-test
     launches = []
     launch, rope_launch = decode_kernels._launch, decode_kernels._rope_launch
 
@@ -143,7 +156,7 @@ def test_decoding_through_the_kernel_gives_torchs_tokens(monkeypatch, step, int8
 
     monkeypatch.setattr(decode_kernels, "_launch", counted)
     monkeypatch.setattr(decode_kernels, "_rope_launch", counted_rope)
-    assert greedy(FastDecoder(fast_model(int8), **STEPS[step]), prompt, 12) == expected
+    assert greedy(decoder, prompt, 12) == expected
     # 11 steps of 2 layers: q/k/v and gate/up after their norms, the attention's output and the
     # down projection (after SwiGLU) with their residual adds; then the output after the last
     # norm, once more for the prompt's last row, the only one whose logits a prefill computes.

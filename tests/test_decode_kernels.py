@@ -24,12 +24,16 @@ def kernel_state(monkeypatch):
         ("_ready", {}),
         ("_any_ready", False),
         ("_kernels", {}),
+        ("_checked", {}),
     ):
         monkeypatch.setattr(decode_kernels, name, value)
 
 
 def test_the_kernel_applies_to_one_row_of_the_weights_chosen(kernel_state, monkeypatch):
     pytest.importorskip("triton", reason="the decode kernel is written in Triton")
+    # Triton was imported without its interpreter here, so the kernels cannot run: the decision
+    # alone is under test (the child process below runs them, self-test included).
+    monkeypatch.setattr(decode_kernels, "_self_test", lambda device, wanted: True)
     cpu, one_row, prompt, scales = torch.device("cpu"), torch.zeros(1, 8), torch.zeros(4, 8), torch.ones(8)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("KERNEL_MODEL_DECODE_KERNELS", raising=False)
@@ -45,6 +49,15 @@ def test_the_kernel_applies_to_one_row_of_the_weights_chosen(kernel_state, monke
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "fast")
     with pytest.raises(ValueError, match="KERNEL_MODEL_DECODE_KERNELS='fast'"):
         decode_kernels.prepare(cpu)
+
+
+def test_kernels_that_fail_their_self_test_are_not_used(kernel_state, monkeypatch, caplog):
+    pytest.importorskip("triton", reason="the decode kernel is written in Triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # chosen too late in this process: the kernels fail to run
+    monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "all")
+    assert decode_kernels.prepare(torch.device("cpu")) == "none"
+    assert "decode kernels unusable here" in caplog.text
+    assert not decode_kernels.applies(torch.zeros(1, 8), None)
 
 
 def test_a_failing_kernel_falls_back_to_torchs_operations(kernel_state, monkeypatch, caplog):
