@@ -15,12 +15,14 @@ reads and the kernels it launches. Two things torch's ops do badly there:
 the activations, and can take the RMS norm before the product (every program sums the squares of
 the 4,096-wide row itself, from L2) or SwiGLU of a gate/up pair, and add the residual stream after
 it; sums, norm, scale and residual in float32, one rounding. `rope_into_cache`: one program per
-head rotates the queries and keys and writes keys and values at the step's position. A layer is
-then 6 kernels: q/k/v, RoPE and cache, attention, output, gate/up, down.
+head rotates the queries and keys and writes keys and values at the step's position.
+`attend_cache`: attention over exactly the keys so far, their number read on the device
+(flash-decoding: pieces of the context in parallel, then their weighted sum). A layer is then 7
+kernels (q/k/v, RoPE and cache, attention in two, output, gate/up, down) where torch's ops took 16.
 
 `KERNEL_MODEL_DECODE_KERNELS` chooses, at model load: `int8` (the default: int8 weights' products
-only, which have nothing better), `all` (every product and RoPE, in place of cuBLAS and torch's
-ops; off by default until a GPU has measured it), `none` (torch's ops, as before: the benchmark's
+only, which have nothing better), `all` (every product, RoPE and attention, in place of cuBLAS,
+SDPA and torch's ops; off by default until a GPU has measured it), `none` (torch's ops, as before: the benchmark's
 baseline). Before a model uses them, `prepare` runs each variant once against torch's operations
 and drops the kernels that fail. They run on CUDA, and on a CPU under Triton's interpreter
 (`TRITON_INTERPRET=1` before Triton is imported), which is how the tests check them without a GPU.
@@ -127,10 +129,24 @@ def _self_test(device: torch.device, wanted: str) -> bool:
                 _compare(got, _reference(x, weight, scales, **arguments), "int8" if int8 else "float")
         if wanted == "all":
             _check_rope(device, dtype, draw)
+            _check_attention(device, dtype, draw)
     except Exception as exc:  # building, running, or a wrong answer: torch's operations it is
         log.warning("decode kernels unusable here (%s); using torch's operations", exc)
         return False
     return True
+
+
+def _check_attention(device: torch.device, dtype: torch.dtype, draw) -> None:
+    n_heads, n_kv_heads, head_dim, span = 4, 2, 128, 2 * ATTENTION_SPLIT
+    q = draw(1, n_heads, 1, head_dim)
+    k_cache, v_cache = draw(2, 1, n_kv_heads, span, head_dim), draw(2, 1, n_kv_heads, span, head_dim)
+    for position in (0, ATTENTION_SPLIT + 7):  # one key; and a second split cut short
+        got = attend_cache(q, k_cache, v_cache, 1, torch.tensor([position], device=device), span)
+        keys, values = (
+            cache[1, :, :, : position + 1].repeat_interleave(2, dim=1) for cache in (k_cache, v_cache)
+        )
+        expected = torch.nn.functional.scaled_dot_product_attention(q.float(), keys.float(), values.float())
+        _compare(got.view(n_heads, head_dim), expected.view(n_heads, head_dim), "attention")
 
 
 def _compare(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -308,6 +324,63 @@ def _(qkv, pairs, position, k_cache, v_cache, layer, n_heads) -> torch.Tensor:
     return qkv.new_empty((1, n_heads, 1, k_cache.shape[4]))
 
 
+ATTENTION_SPLIT = 256  # keys per program of `attend_cache`: a 16k context keeps thousands in flight
+
+
+def attention_applies(n_heads: int, n_kv_heads: int, head_dim: int) -> bool:
+    """`attend_cache` and `rope_into_cache` take power-of-two head widths and query groups (Llama's)."""
+    group = n_heads // n_kv_heads
+    return head_dim & (head_dim - 1) == 0 and group & (group - 1) == 0
+
+
+@torch.library.custom_op("kernel_model::attend_cache", mutates_args=())
+def attend_cache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layer: int,
+    position: torch.Tensor,
+    span: int,
+) -> torch.Tensor:
+    """One query row [1, Hq, 1, D] over the cache's keys 0..position of `layer` → [1, 1, Hq·D].
+
+    The number of keys is read on the device, so a captured step replays at every position, and
+    only those keys are read (a masked attention reads the whole power-of-two `span`, up to twice
+    as many: at a 4k context up to 2 GB a token for 7B). Each program takes one key/value head, the
+    query heads that share it and `ATTENTION_SPLIT` positions of the span with an online softmax;
+    a second kernel weighs the pieces together by their log-sum-exp (flash-decoding).
+    """
+    _, n_heads, _, head_dim = q.shape
+    n_kv_heads = k_cache.shape[2]
+    splits = max(1, -(-span // ATTENTION_SPLIT))
+    pieces = q.new_empty((splits, n_heads, head_dim), dtype=torch.float32)
+    log_sums = q.new_empty((splits, n_heads), dtype=torch.float32)
+    _kernels["attention"][(n_kv_heads, splits)](
+        q.contiguous(),
+        k_cache,
+        v_cache,
+        position,
+        pieces,
+        log_sums,
+        layer * k_cache.stride(0),
+        k_cache.stride(2),
+        k_cache.stride(3),
+        head_dim**-0.5,
+        G=n_heads // n_kv_heads,
+        D=head_dim,
+        SPLIT=ATTENTION_SPLIT,
+        BLOCK=max(8, 64 // (n_heads // n_kv_heads)),  # G x BLOCK x D products held at once
+    )
+    out = q.new_empty((1, 1, n_heads * head_dim))
+    _kernels["combine"][(n_heads,)](pieces, log_sums, out, splits, n_heads, D=head_dim)
+    return out
+
+
+@attend_cache.register_fake
+def _(q, k_cache, v_cache, layer, position, span) -> torch.Tensor:
+    return q.new_empty((1, 1, q.shape[1] * q.shape[3]))
+
+
 def _build() -> dict:
     import triton
     import triton.language as tl
@@ -408,7 +481,75 @@ def _build() -> dict:
             v_out = v_ptr + layer_offset + (head - HQ - HKV) * head_stride + position * position_stride
             tl.store(v_out + columns, tl.load(row_ptr + columns).to(v_ptr.dtype.element_ty))
 
-    kernels = {"matvec": decode_matvec_kernel, "rope": rope_cache_kernel}
+    @triton.jit
+    def attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        position_ptr,
+        pieces_ptr,
+        log_sums_ptr,
+        layer_offset,
+        head_stride,
+        position_stride,
+        scale,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        SPLIT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        kv_head = tl.program_id(0)
+        split = tl.program_id(1)
+        length = tl.load(position_ptr) + 1
+        heads = kv_head * G + tl.arange(0, G)  # the query heads sharing this key/value head
+        columns = tl.arange(0, D)
+        q = tl.load(q_ptr + heads[:, None] * D + columns[None, :]).to(tl.float32) * scale
+        base = layer_offset + kv_head * head_stride
+        best = tl.full((G,), float("-inf"), tl.float32)
+        total = tl.zeros((G,), tl.float32)
+        acc = tl.zeros((G, D), tl.float32)
+        for start in range(split * SPLIT, tl.minimum(split * SPLIT + SPLIT, length), BLOCK):
+            keys_at = start + tl.arange(0, BLOCK)
+            seen = keys_at < length
+            offsets = base + keys_at[:, None] * position_stride + columns[None, :]
+            k = tl.load(k_ptr + offsets, mask=seen[:, None], other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + offsets, mask=seen[:, None], other=0.0).to(tl.float32)
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BLOCK]
+            scores = tl.where(seen[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            # A block with no key yet seen leaves best at -inf: keep its weights 0, not NaN.
+            safe_best = tl.where(new_best == float("-inf"), 0.0, new_best)
+            weights = tl.exp(scores - safe_best[:, None])
+            decay = tl.exp(best - safe_best)
+            total = total * decay + tl.sum(weights, axis=1)
+            acc = acc * decay[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
+            best = new_best
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(pieces_ptr + (split * G * tl.num_programs(0) + heads[:, None]) * D + columns[None, :], out)
+        log_sum = tl.where(total > 0, best + tl.log(total), float("-inf"))
+        tl.store(log_sums_ptr + split * G * tl.num_programs(0) + heads, log_sum)
+
+    @triton.jit
+    def combine_kernel(pieces_ptr, log_sums_ptr, out_ptr, splits, n_heads, D: tl.constexpr):
+        head = tl.program_id(0)
+        columns = tl.arange(0, D)
+        best = tl.full((), float("-inf"), tl.float32)
+        for split in range(0, splits):
+            best = tl.maximum(best, tl.load(log_sums_ptr + split * n_heads + head))
+        total = tl.zeros((), tl.float32)
+        acc = tl.zeros((D,), tl.float32)
+        for split in range(0, splits):
+            weight = tl.exp(tl.load(log_sums_ptr + split * n_heads + head) - best)
+            total += weight
+            acc += weight * tl.load(pieces_ptr + (split * n_heads + head) * D + columns)
+        tl.store(out_ptr + head * D + columns, (acc / total).to(out_ptr.dtype.element_ty))
+
+    kernels = {
+        "matvec": decode_matvec_kernel,
+        "rope": rope_cache_kernel,
+        "attention": attention_kernel,
+        "combine": combine_kernel,
+    }
     if _interpreting():
         return kernels
     configs = [

@@ -573,11 +573,13 @@ class FastDecoder:
         fast = self.fast
         project, finish = fast.halves
         args = fast.args
-        # RoPE and the cache write in one kernel of ours (one program per head; power-of-two widths)
-        fused = decode_kernels.ready(self.device, "all") and args.head_dim & (args.head_dim - 1) == 0
+        # RoPE with the cache write, and attention over the keys so far, in kernels of ours
+        fused = decode_kernels.ready(self.device, "all") and decode_kernels.attention_applies(
+            args.n_heads, args.n_kv_heads, args.head_dim
+        )
         if not fused:
             freqs = (fast.rope.pairs if self.compiled else fast.rope.table).index_select(0, position)
-        visible = (torch.arange(span, device=position.device) <= position).view(1, 1, 1, span)  # keys so far
+            visible = (torch.arange(span, device=position.device) <= position).view(1, 1, 1, span)
         h = F.embedding(token, fast.embedding)
         batch, hkv, d = 1, args.n_kv_heads, args.head_dim
         for index, layer in enumerate(fast.layers):
@@ -594,9 +596,12 @@ class FastDecoder:
                 at = [self._layer_index[index], None, None, position]
                 torch.ops.aten.index_put_(k_cache, at, k.reshape(1, batch, hkv, d))
                 torch.ops.aten.index_put_(v_cache, at, v.reshape(1, batch, hkv, d))
-            keys, values = k_cache[index, :, :, :span], v_cache[index, :, :, :span]
-            grouped = q.reshape(batch, hkv, layer.n_heads // hkv, d)  # GQA without copying the cache
-            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible)
+            if fused:
+                out = decode_kernels.attend_cache(q, k_cache, v_cache, index, position, span)
+            else:
+                keys, values = k_cache[index, :, :, :span], v_cache[index, :, :, :span]
+                grouped = q.reshape(batch, hkv, layer.n_heads // hkv, d)  # GQA without copying the cache
+                out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible)
             h = finish(h, out.reshape(batch, 1, layer.n_heads * d), *layer.after_attention)
         return norm_linear(h, fast.norm, fast.args.norm_eps, fast.wout, fast.sout).float()[:, 0]
 

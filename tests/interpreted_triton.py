@@ -110,6 +110,29 @@ def test_rope_into_cache_rotates_and_writes_as_torch_does(dtype):
         assert not cache.permute(0, 3, 1, 2, 4)[~written].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n_heads", "n_kv_heads"), [(4, 4), (4, 2), (8, 1)])
+def test_attend_cache_reads_the_keys_so_far_as_sdpa_does(dtype, n_heads, n_kv_heads):
+    head_dim, span, layer = 16, 4 * decode_kernels.ATTENTION_SPLIT, 1
+    generator = torch.Generator().manual_seed(n_heads + n_kv_heads)
+    q = torch.randn(1, n_heads, 1, head_dim, generator=generator).to(dtype)
+    k_cache, v_cache = (
+        torch.randn(2, 1, n_kv_heads, span, head_dim, generator=generator).to(dtype) for _ in "kv"
+    )
+    for position in (0, 100, decode_kernels.ATTENTION_SPLIT, 700, span - 1):  # within, at and across splits
+        got = decode_kernels.attend_cache(q, k_cache, v_cache, layer, torch.tensor([position]), span)
+        group = n_heads // n_kv_heads
+        keys, values = (
+            c[layer, :, :, : position + 1].repeat_interleave(group, dim=1) for c in (k_cache, v_cache)
+        )
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.double(), keys.double(), values.double()
+        )
+        tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+        assert got.shape == (1, 1, n_heads * head_dim) and got.dtype == dtype
+        assert torch.allclose(got.double(), expected.reshape(got.shape), rtol=tolerance, atol=tolerance)
+
+
 def fast_model(int8: bool, seed: int = 5) -> FastTransformer:
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
                      max_context=512)  # fmt: skip
@@ -137,7 +160,8 @@ STEPS = {
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("int8", [True, False], ids=["int8", "float"])
 def test_decoding_through_the_kernel_gives_torchs_tokens(monkeypatch, step, int8):
-    prompt = [1, 17, 300, 42, 7, 99, 256, 3]
+    # Past MIN_BUCKET, so static steps attend over a 512-key span: two pieces of `attend_cache`.
+    prompt = [1, *torch.randint(3, 512, (299,), generator=torch.Generator().manual_seed(1)).tolist()]
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "none")
     expected = greedy(FastDecoder(fast_model(int8), static=True), prompt, 12)
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "int8" if int8 else "all")
