@@ -328,9 +328,10 @@ ATTENTION_SPLIT = 256  # keys per program of `attend_cache`: a 16k context keeps
 
 
 def attention_applies(n_heads: int, n_kv_heads: int, head_dim: int) -> bool:
-    """`attend_cache` and `rope_into_cache` take power-of-two head widths and query groups (Llama's)."""
+    """`attend_cache` and `rope_into_cache` take power-of-two head widths and query groups up to 8
+    (Llama's: 1, or 8 for 34B and 70B); larger groups would not fit a program's registers."""
     group = n_heads // n_kv_heads
-    return head_dim & (head_dim - 1) == 0 and group & (group - 1) == 0
+    return head_dim & (head_dim - 1) == 0 and group & (group - 1) == 0 and group <= 8
 
 
 @torch.library.custom_op("kernel_model::attend_cache", mutates_args=())
@@ -372,7 +373,7 @@ def attend_cache(
         BLOCK=max(8, 64 // (n_heads // n_kv_heads)),  # G x BLOCK x D products held at once
     )
     out = q.new_empty((1, 1, n_heads * head_dim))
-    _kernels["combine"][(n_heads,)](pieces, log_sums, out, splits, n_heads, D=head_dim)
+    _kernels["combine"][(n_heads,)](pieces, log_sums, out, splits, n_heads, D=head_dim, BLOCK=16)
     return out
 
 
@@ -473,12 +474,15 @@ def _build() -> dict:
                 tl.store(q_out + 2 * half, even.to(q_ptr.dtype.element_ty))
                 tl.store(q_out + 2 * half + 1, odd.to(q_ptr.dtype.element_ty))
             else:
-                k_out = k_ptr + layer_offset + (head - HQ) * head_stride + position * position_stride
+                k_out = (
+                    k_ptr + layer_offset + (head - HQ).to(tl.int64) * head_stride + position * position_stride
+                )
                 tl.store(k_out + 2 * half, even.to(k_ptr.dtype.element_ty))
                 tl.store(k_out + 2 * half + 1, odd.to(k_ptr.dtype.element_ty))
         else:
             columns = tl.arange(0, D)
-            v_out = v_ptr + layer_offset + (head - HQ - HKV) * head_stride + position * position_stride
+            v_head = (head - HQ - HKV).to(tl.int64)
+            v_out = v_ptr + layer_offset + v_head * head_stride + position * position_stride
             tl.store(v_out + columns, tl.load(row_ptr + columns).to(v_ptr.dtype.element_ty))
 
     @triton.jit
@@ -504,7 +508,8 @@ def _build() -> dict:
         heads = kv_head * G + tl.arange(0, G)  # the query heads sharing this key/value head
         columns = tl.arange(0, D)
         q = tl.load(q_ptr + heads[:, None] * D + columns[None, :]).to(tl.float32) * scale
-        base = layer_offset + kv_head * head_stride
+        # 64-bit: a 13B cache of 16k positions is past 2**31 elements within a layer's heads.
+        base = layer_offset + kv_head.to(tl.int64) * head_stride
         best = tl.full((G,), float("-inf"), tl.float32)
         total = tl.zeros((G,), tl.float32)
         acc = tl.zeros((G, D), tl.float32)
@@ -530,18 +535,28 @@ def _build() -> dict:
         tl.store(log_sums_ptr + split * G * tl.num_programs(0) + heads, log_sum)
 
     @triton.jit
-    def combine_kernel(pieces_ptr, log_sums_ptr, out_ptr, splits, n_heads, D: tl.constexpr):
+    def combine_kernel(
+        pieces_ptr, log_sums_ptr, out_ptr, splits, n_heads, D: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        # BLOCK pieces at a time, as vectors, with the same online rescaling as the pieces themselves.
+        # Piece 0 always holds key 0, so `best` is finite after the first block: no NaN.
         head = tl.program_id(0)
         columns = tl.arange(0, D)
         best = tl.full((), float("-inf"), tl.float32)
-        for split in range(0, splits):
-            best = tl.maximum(best, tl.load(log_sums_ptr + split * n_heads + head))
         total = tl.zeros((), tl.float32)
         acc = tl.zeros((D,), tl.float32)
-        for split in range(0, splits):
-            weight = tl.exp(tl.load(log_sums_ptr + split * n_heads + head) - best)
-            total += weight
-            acc += weight * tl.load(pieces_ptr + (split * n_heads + head) * D + columns)
+        for start in range(0, splits, BLOCK):
+            index = start + tl.arange(0, BLOCK)
+            inside = index < splits
+            log_sums = tl.load(log_sums_ptr + index * n_heads + head, mask=inside, other=float("-inf"))
+            offsets = (index[:, None] * n_heads + head) * D + columns[None, :]
+            pieces = tl.load(pieces_ptr + offsets, mask=inside[:, None], other=0.0)
+            new_best = tl.maximum(best, tl.max(log_sums, axis=0))
+            weights = tl.exp(log_sums - new_best)
+            decay = tl.exp(best - new_best)
+            total = total * decay + tl.sum(weights, axis=0)
+            acc = acc * decay + tl.sum(weights[:, None] * pieces, axis=0)
+            best = new_best
         tl.store(out_ptr + head * D + columns, (acc / total).to(out_ptr.dtype.element_ty))
 
     kernels = {

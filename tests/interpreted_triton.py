@@ -113,13 +113,13 @@ def test_rope_into_cache_rotates_and_writes_as_torch_does(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("n_heads", "n_kv_heads"), [(4, 4), (4, 2), (8, 1)])
 def test_attend_cache_reads_the_keys_so_far_as_sdpa_does(dtype, n_heads, n_kv_heads):
-    head_dim, span, layer = 16, 4 * decode_kernels.ATTENTION_SPLIT, 1
+    head_dim, span, layer = 16, 20 * decode_kernels.ATTENTION_SPLIT, 1  # more pieces than one combine block
     generator = torch.Generator().manual_seed(n_heads + n_kv_heads)
     q = torch.randn(1, n_heads, 1, head_dim, generator=generator).to(dtype)
     k_cache, v_cache = (
         torch.randn(2, 1, n_kv_heads, span, head_dim, generator=generator).to(dtype) for _ in "kv"
     )
-    for position in (0, 100, decode_kernels.ATTENTION_SPLIT, 700, span - 1):  # within, at and across splits
+    for position in (0, 100, decode_kernels.ATTENTION_SPLIT, 700, span - 1):  # within, at and across pieces
         got = decode_kernels.attend_cache(q, k_cache, v_cache, layer, torch.tensor([position]), span)
         group = n_heads // n_kv_heads
         keys, values = (
