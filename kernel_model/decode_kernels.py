@@ -71,10 +71,11 @@ def choice() -> str:
     return value
 
 
-def prepare(device: torch.device) -> str:
-    """Decide, at model load, what on `device` goes through the kernels; build and check them if any.
+def prepare(device: torch.device, int8_weights: bool) -> str:
+    """Decide, at model load, what of a model on `device` goes through the kernels; build and check them.
 
-    Returns what was chosen there (int8, all or none). The kernels are run once against torch's
+    Returns what the model gets (int8, all or none): under the default choice a model without int8
+    weights gets none, and pays nothing at load. The kernels are run once against torch's
     operations first (`_self_test`): one that fails to build or computes wrong is dropped here,
     before any step is compiled or captured, and the load goes on with torch's operations.
     Deciding here keeps `applies` and the kernels' callers down to reading module state, which
@@ -85,6 +86,10 @@ def prepare(device: torch.device) -> str:
     here = device.type == "cuda" or (device.type == "cpu" and _interpreting())
     if not here or importlib.util.find_spec("triton") is None:
         wanted = "none"
+    if wanted == "int8" and not int8_weights:  # nothing of this model's; another's int8 choice stands
+        _ready[(device.type, "all")] = False
+        _any_ready = any(_ready.values())
+        return "none"
     if wanted != "none":
         if not _kernels:
             _kernels.update(_build())

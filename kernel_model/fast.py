@@ -296,7 +296,7 @@ class FastTransformer(nn.Module):
         self.norm = model.norm.weight.detach()
         vocab, dim = model.output.weight.shape
         self.wout, self.sout = _fuse([model.output], transposes(self.embedding.device, vocab, dim))
-        decode_kernels.prepare(self.device)
+        decode_kernels.prepare(self.device, int8_weights=self.sout is not None)
         self.rope = RotaryTable(self.args.head_dim, self.args.rope_theta, self.args.max_context, self.device)
         # Each layer's weights as one plain tuple: the one-token path reads them per op.
         self._plan = [(*layer.before_attention, *layer.after_attention) for layer in self.layers]

@@ -28,7 +28,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 def kernels_for_all_weights(monkeypatch):
     monkeypatch.setattr(decode_kernels, "_disabled", False)
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "all")
-    assert decode_kernels.prepare(torch.device("cpu")) == "all"
+    assert decode_kernels.prepare(torch.device("cpu"), int8_weights=True) == "all"
 
 
 def test_a_kernel_that_computes_wrong_fails_the_self_test(monkeypatch, caplog):
@@ -39,7 +39,7 @@ def test_a_kernel_that_computes_wrong_fails_the_self_test(monkeypatch, caplog):
 
     monkeypatch.setattr(decode_kernels, "_launch", off_by_a_bit)
     monkeypatch.setattr(decode_kernels, "_checked", {})
-    assert decode_kernels.prepare(torch.device("cpu")) == "none"
+    assert decode_kernels.prepare(torch.device("cpu"), int8_weights=True) == "none"
     assert "kernel's answer is off by 0.05" in caplog.text
 
 

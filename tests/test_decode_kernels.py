@@ -37,25 +37,30 @@ def test_the_kernel_applies_to_one_row_of_the_weights_chosen(kernel_state, monke
     cpu, one_row, prompt, scales = torch.device("cpu"), torch.zeros(1, 8), torch.zeros(4, 8), torch.ones(8)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("KERNEL_MODEL_DECODE_KERNELS", raising=False)
-    assert decode_kernels.prepare(cpu) == "none" and not decode_kernels.applies(one_row, scales)  # plain CPU
+    assert decode_kernels.prepare(cpu, int8_weights=True) == "none" and not decode_kernels.applies(
+        one_row, scales
+    )  # plain CPU
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert decode_kernels.prepare(cpu) == "int8"  # the default: int8 weights only
+    assert decode_kernels.prepare(cpu, int8_weights=False) == "none"  # the default: int8 weights only
+    assert decode_kernels.prepare(cpu, int8_weights=True) == "int8"
     assert decode_kernels.applies(one_row, scales) and not decode_kernels.applies(one_row, None)
     assert not decode_kernels.applies(prompt, scales)  # prompts are compute-bound: torch's products there
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "all")
-    assert decode_kernels.prepare(cpu) == "all" and decode_kernels.applies(one_row, None)
+    assert decode_kernels.prepare(cpu, int8_weights=True) == "all" and decode_kernels.applies(one_row, None)
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "none")
-    assert decode_kernels.prepare(cpu) == "none" and not decode_kernels.applies(one_row, scales)
+    assert decode_kernels.prepare(cpu, int8_weights=True) == "none" and not decode_kernels.applies(
+        one_row, scales
+    )
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "fast")
     with pytest.raises(ValueError, match="KERNEL_MODEL_DECODE_KERNELS='fast'"):
-        decode_kernels.prepare(cpu)
+        decode_kernels.prepare(cpu, int8_weights=True)
 
 
 def test_kernels_that_fail_their_self_test_are_not_used(kernel_state, monkeypatch, caplog):
     pytest.importorskip("triton", reason="the decode kernel is written in Triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # chosen too late in this process: the kernels fail to run
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "all")
-    assert decode_kernels.prepare(torch.device("cpu")) == "none"
+    assert decode_kernels.prepare(torch.device("cpu"), int8_weights=True) == "none"
     assert "decode kernels unusable here" in caplog.text
     assert not decode_kernels.applies(torch.zeros(1, 8), None)
 
