@@ -1,5 +1,5 @@
 """A decode step's work as few Triton kernels: its one-row products with the norms, SwiGLU and
-residual adds around them, and RoPE with the write into the KV cache.
+residual adds around them, RoPE with the write into the KV cache, and attention over that cache.
 
 A decode step reads every weight once for one row of activations, so its speed is the bytes it
 reads and the kernels it launches. Two things torch's ops do badly there:
@@ -22,10 +22,11 @@ kernels (q/k/v, RoPE and cache, attention in two, output, gate/up, down) where t
 
 `KERNEL_MODEL_DECODE_KERNELS` chooses, at model load: `int8` (the default: int8 weights' products
 only, which have nothing better), `all` (every product, RoPE and attention, in place of cuBLAS,
-SDPA and torch's ops; off by default until a GPU has measured it), `none` (torch's ops, as before: the benchmark's
-baseline). Before a model uses them, `prepare` runs each variant once against torch's operations
-and drops the kernels that fail. They run on CUDA, and on a CPU under Triton's interpreter
-(`TRITON_INTERPRET=1` before Triton is imported), which is how the tests check them without a GPU.
+SDPA and torch's ops; off by default until a GPU has measured it), `none` (torch's ops, as
+before: the benchmark's baseline). Before a model uses them, `prepare` runs each variant once
+against torch's operations and drops the kernels if any fails. They run on CUDA, and on a CPU
+under Triton's interpreter (`TRITON_INTERPRET=1` before Triton is imported), which is how the
+tests check them without a GPU.
 """
 
 from __future__ import annotations
