@@ -110,6 +110,8 @@ def _self_test(device: torch.device, wanted: str) -> bool:
     Widths are multiples of 16 as a model's are, so Triton builds the same specializations the
     model's shapes will reuse.
     """
+    from .fast import quantize_rows  # fast imports this module: here, not at the top
+
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -120,11 +122,7 @@ def _self_test(device: torch.device, wanted: str) -> bool:
     norm, residual = draw(columns).abs() + 0.5, draw(1, rows)
     try:
         for int8 in (True, False) if wanted == "all" else (True,):
-            weight, scales = draw(rows, columns), None
-            if int8:  # per-row absmax, as fast.quantize_rows makes them
-                scales = weight.float().abs().amax(dim=1) / 127
-                weight = torch.round(weight.float() / scales[:, None]).to(torch.int8)
-                scales = scales.to(dtype)
+            weight, scales = quantize_rows(draw(rows, columns)) if int8 else (draw(rows, columns), None)
             for x, extra in (
                 (draw(1, columns), {"norm": norm, "eps": 1e-5}),
                 (draw(1, columns), {"residual": residual}),
@@ -142,6 +140,13 @@ def _self_test(device: torch.device, wanted: str) -> bool:
     return True
 
 
+def _compare(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    # One rounding against the reference's several: bf16 keeps ~3 significant digits.
+    distance = float((got.float() - expected.float()).norm() / expected.float().norm().clamp(min=1e-6))
+    if not distance <= 0.02:
+        raise ValueError(f"the {what} kernel's answer is off by {distance:.3g} (relative)")
+
+
 def _check_attention(device: torch.device, dtype: torch.dtype, draw) -> None:
     n_heads, n_kv_heads, head_dim, span = 4, 2, 128, 2 * ATTENTION_SPLIT
     q = draw(1, n_heads, 1, head_dim)
@@ -155,27 +160,20 @@ def _check_attention(device: torch.device, dtype: torch.dtype, draw) -> None:
         _compare(got.view(n_heads, head_dim), expected.view(n_heads, head_dim), "attention")
 
 
-def _compare(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    # One rounding against the reference's several: bf16 keeps ~3 significant digits.
-    distance = float((got.float() - expected.float()).norm() / expected.float().norm().clamp(min=1e-6))
-    if not distance <= 0.02:
-        raise ValueError(f"the {what} kernel's answer is off by {distance:.3g} (relative)")
-
-
 def _check_rope(device: torch.device, dtype: torch.dtype, draw) -> None:
+    from .fast import rotate  # torch's own RoPE, the reference
+
     n_heads, n_kv_heads, head_dim, position = 4, 2, 128, 3
     qkv = draw(1, 1, (n_heads + 2 * n_kv_heads) * head_dim)
     angles = draw(8, head_dim // 2).float() * 3
     pairs = torch.stack((angles.cos(), angles.sin()), dim=-1).contiguous()
     k_cache, v_cache = (torch.zeros(2, 1, n_kv_heads, 8, head_dim, device=device, dtype=dtype) for _ in "kv")
     q = rope_into_cache(qkv, pairs, torch.tensor([position], device=device), k_cache, v_cache, 1, n_heads)
-    heads = qkv.view(n_heads + 2 * n_kv_heads, head_dim // 2, 2).float()
-    even, odd = heads[..., 0], heads[..., 1]
-    cos, sin = pairs[position, :, 0], pairs[position, :, 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(1)
+    heads = qkv.view(1, 1, n_heads + 2 * n_kv_heads, head_dim)
+    rotated = rotate(heads[:, :, : n_heads + n_kv_heads], pairs[position : position + 1])[0, 0]
     _compare(q.view(n_heads, head_dim), rotated[:n_heads], "RoPE")
-    _compare(k_cache[1, 0, :, position], rotated[n_heads : n_heads + n_kv_heads], "RoPE")
-    _compare(v_cache[1, 0, :, position], heads[n_heads + n_kv_heads :].flatten(1), "cache")
+    _compare(k_cache[1, 0, :, position], rotated[n_heads:], "RoPE")
+    _compare(v_cache[1, 0, :, position], heads[0, 0, n_heads + n_kv_heads :], "cache")
 
 
 def ready(device: torch.device, what: str) -> bool:
