@@ -383,7 +383,9 @@ def _cmd_humaneval_infill(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register `eval humaneval-infill` on the engine's top-level subparsers (handler in `func`)."""
+    """Register `eval humaneval-infill` and `eval fim-probe` on the engine's top-level subparsers."""
+    from . import fim_probe  # it needs torch; this module does not
+
     parser = subparsers.add_parser("eval", help="run a benchmark")
     benchmarks = parser.add_subparsers(dest="benchmark", required=True)
     p = benchmarks.add_parser(
@@ -408,3 +410,4 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--output", default=None, help="write per-task results as JSONL here")
     p.set_defaults(func=_cmd_humaneval_infill)
+    fim_probe.add_cli(benchmarks)
