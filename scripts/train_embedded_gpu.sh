@@ -5,18 +5,20 @@
 #
 # CORPUS is the large corpus's shard compressed with xz (README, "The embedded model"); the GPU
 # machine cannot reach the registry, so the corpus and HumanEval's problems travel as files. OUT
-# receives the training log and config, both modes' eval JSON, and the model as a tar in pieces
-# (the device returns files of at most 16 MiB): `cat OUT/model.tar.part-* | tar -xf - -C DIR`.
+# receives the training log and config, the model as a tar in pieces (the device returns files of at
+# most 16 MiB: `cat OUT/model.tar.part-* | tar -xf - -C DIR`), then `eval fim-probe`'s JSON and both
+# modes' eval JSON.
 #
 # Knobs, from the environment: BUDGET_SECONDS (training, compilation included; 300), EPOCHS (FIM
 # passes tokenized; 6), MAX_CHARS (documents are cut into pieces of at most this many characters,
 # and each training window starts at a piece, so that a FIM sample is seen whole; 3 x SEQ_LEN
-# characters: 98 % of pieces fit the window), LINE_RATE (the share of FIM samples split at line
-# starts; 0, Code Llama's recipe), DIM / LAYERS / HEADS (384 / 8 / 6: 20 M parameters, 21 MB as
-# int8, about 170 tokens/s greedy on 2 CPU cores), SEQ_LEN (1024, the window the model will serve),
-# BATCH (32), LR (2e-3), INIT_FROM (a model of the same shape to continue training, e.g. embedded;
-# default: random weights), EVAL_LIMIT (all 1,033 tasks), EVAL_SECONDS (the limit of each mode's
-# eval; 150; 0 skips the evals, to run them elsewhere on the returned model).
+# characters: 98 % of pieces fit the window; 1200 packs several to a window, which taught PSM about
+# twice as fast per token in the CPU runs the README reports), LINE_RATE (the share of FIM samples
+# split at line starts; 0, Code Llama's recipe), DIM / LAYERS / HEADS (384 / 8 / 6: 20 M parameters,
+# 21 MB as int8, about 170 tokens/s greedy on 2 CPU cores), SEQ_LEN (1024, the window the model will
+# serve), BATCH (32), LR (2e-3), INIT_FROM (a model of the same shape to continue training, e.g.
+# embedded; default: random weights), EVAL_LIMIT (all 1,033 tasks), EVAL_SECONDS (the limit of each
+# mode's eval; 150; 0 skips the evals, to run them elsewhere on the returned model).
 set -euo pipefail
 
 if [ $# -ne 3 ]; then
@@ -47,6 +49,9 @@ python3 -m kernel_model.train --tokens "$work/tokens.bin" --tokenizer "$tokenize
 # The model comes back first: the evals after it may outrun the call's time.
 cp "$work/run/log.jsonl" "$work/run/config.json" "$out/"
 tar -C "$work/run/model" -cf - . | split -b 15m - "$out/model.tar.part-"
+# Seconds on a GPU: whether the model writes a masked line in each layout, even where pass@1 cannot tell.
+timeout 120 python3 -m kernel_model eval fim-probe --model "$work/run/model" --corpus "$work/corpus.txt" \
+    --samples 150 | tee "$out/probe.json" || echo "fim-probe: exit $?"
 
 limit=()
 [ -n "${EVAL_LIMIT:-}" ] && limit=(--limit "$EVAL_LIMIT")
