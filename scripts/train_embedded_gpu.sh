@@ -49,8 +49,9 @@ python3 -m kernel_model.train --tokens "$work/tokens.bin" --tokenizer "$tokenize
 # The model comes back first: the evals after it may outrun the call's time.
 cp "$work/run/log.jsonl" "$work/run/config.json" "$out/"
 tar -C "$work/run/model" -cf - . | split -b 15m - "$out/model.tar.part-"
-# Seconds on a GPU: whether the model writes a masked line in each layout, even where pass@1 cannot tell.
-timeout 120 python3 -m kernel_model eval fim-probe --model "$work/run/model" --corpus "$work/corpus.txt" \
+# Seconds on a GPU (cut short rather than outrun the call): whether the model writes a masked line
+# in each layout, even where pass@1 cannot tell.
+timeout 45 python3 -m kernel_model eval fim-probe --model "$work/run/model" --corpus "$work/corpus.txt" \
     --samples 150 | tee "$out/probe.json" || echo "fim-probe: exit $?"
 
 limit=()
