@@ -126,12 +126,7 @@ def hf_args(config: dict, max_context: int | None) -> ModelArgs:
 
 def meta_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Merge model-parallel shards tensor by tensor (13B ships 2, 34B ships 4)."""
-    shards = []
-    for path in sorted(folder.glob("consolidated.*.pth")):
-        try:
-            shards.append(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as exc:  # torch raises many types for a damaged file
-            raise ModelError(f"cannot read {path.name}: {exc}") from exc
+    shards = [read_shard(path) for path in sorted(folder.glob("consolidated.*.pth"))]
     for name in shards[0]:
         if name.endswith("rope.freqs"):  # a precomputed table older checkpoints carry; derived here
             continue
@@ -144,6 +139,22 @@ def meta_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelError(f"unexpected weight {name!r} in the Meta checkpoint")
         dim = _META_SHARD_DIM[kind]
         yield name, parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def stores_int8(folder: Path) -> bool:
+    """Whether a checkpoint holds int8 matrices (our shipped models do; Meta's and Hugging Face's don't)."""
+    if detect_layout(folder) != "meta":
+        return False
+    shard = read_shard(sorted(folder.glob("consolidated.*.pth"))[0])
+    return any(name.endswith(INT8_SCALE_SUFFIX) for name in shard)
+
+
+def read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """One consolidated.NN.pth, memory-mapped: tensors are read when used."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise ModelError(f"cannot read {path.name}: {exc}") from exc
 
 
 def dequantized(shard: dict[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import decode_kernels
-from .checkpoint import MAX_CONTEXT, load_transformer
+from .checkpoint import MAX_CONTEXT, load_transformer, stores_int8
 from .errors import ModelError
 from .fast import MIN_BUCKET, FastDecoder, FastTransformer, describe, int8_parameters, quantize_int8
 from .generate import Decoder, Generation, ModelDecoder, PrefixCache, SamplingParams, healing_index
@@ -71,7 +71,7 @@ def load_model(
     max_context: int | None = None,
     *,
     fast: bool = True,
-    quant: str | None = None,
+    quant: str | None = "auto",
     compile: bool | str = False,
     graphs: bool | None = None,
     warmup: bool = True,
@@ -81,6 +81,9 @@ def load_model(
     `fast` (default) runs fused projections and, on CUDA, decode steps replayed as CUDA graphs
     (`graphs`, default on there); `quant="int8"` stores projections as int8 with per-row scales,
     quantizing each matrix as it loads (the model never exists in full precision on the device);
+    `quant="auto"` (the default) keeps the matrices of a checkpoint stored as int8 (the embedded
+    model) in int8 on a CPU whose int8 kernel reads them as they are (`decode_kernels`): a decode
+    step then reads a quarter of the bytes; everywhere else, and with `quant=None`, they are held in `dtype`.
     `compile` also compiles the decode step (True: inductor, or a torch.compile backend name).
     `warmup` does at load what the first keystroke would otherwise pay for (see CodeLlama.warmup).
     `max_context` is the window in tokens; by default the length the checkpoint records having been
@@ -97,6 +100,9 @@ def load_model(
     tokenizer = Tokenizer(folder / "tokenizer.model")
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
+    if quant == "auto":
+        int8_here = resolved_device.type == "cpu" and decode_kernels.cpu_reads_int8()
+        quant = "int8" if int8_here and stores_int8(folder) else None
     check_quantization(quant)
     model, layout = load_transformer(
         folder, tokenizer.vocab_size, resolved_device, resolved_dtype, max_context, quant

@@ -1,5 +1,6 @@
 """A decode step's work as few Triton kernels: its one-row products with the norms, SwiGLU and
-residual adds around them, RoPE with the write into the KV cache, and attention over that cache.
+residual adds around them, RoPE with the write into the KV cache, and attention over that cache;
+on an x86 CPU, its int8 products through aten's int8 weight kernel.
 
 A decode step reads every weight once for one row of activations, so its speed is the bytes it
 reads and the kernels it launches. Two things torch's ops do badly there:
@@ -20,11 +21,20 @@ head rotates the queries and keys and writes keys and values at the step's posit
 (flash-decoding: pieces of the context in parallel, then their weighted sum). A layer is then 7
 kernels (q/k/v, RoPE and cache, attention in two, output, gate/up, down) where torch's ops took 16.
 
+On a CPU there is no Triton, but the same int8 products go to `torch._weight_int8pack_mm`, which
+reads the int8 rows as stored against bf16 activations and sums in float32; it takes the short
+prompts a keystroke prefills too (up to `_ATEN_ROWS` rows, where it beats converting the matrix). A CPU step is
+bound by the bytes it reads just as a GPU's is: `embedded` (20 M parameters) reads 20 MB per token
+this way, which a laptop's last-level cache can hold, instead of the 81 MB of its float32 copy, and
+decodes 1.7x faster on this project's VM (BENCHMARKS.md). Only x86 builds with AVX2 or AVX-512 get
+it: elsewhere aten falls back to scalar code, three times slower than a float32 product here.
+
 `KERNEL_MODEL_DECODE_KERNELS` chooses, at model load: `int8` (the default: int8 weights' products
 only, which have nothing better), `all` (every product, RoPE and attention, in place of cuBLAS,
 SDPA and torch's ops; off by default until a GPU has measured it), `none` (torch's ops, as
-before: the benchmark's baseline). Before a model uses them, `prepare` runs each variant once
-against torch's operations and drops the kernels if any fails. They run on CUDA, and on a CPU
+before: the benchmark's baseline; on a CPU, int8 weights converted to float32 for every product).
+Before a model uses them, `prepare` runs each variant once against torch's operations and drops
+the kernels if any fails. They run on CUDA, and on a CPU
 under Triton's interpreter (`TRITON_INTERPRET=1` before Triton is imported), which is how the
 tests check them without a GPU.
 """
@@ -57,9 +67,16 @@ _CUDA_CONFIGS = [
     (16, 512, 8),
 ]
 _INTERPRETER_BLOCKS = (16, 64)  # the interpreter runs every program in Python: fewer, larger ones
+_ATEN_CPU_CAPABILITIES = ("AVX2", "AVX512")  # where aten's int8 weight kernel is vectorized
+# Its AVX-512 code reads 16 columns at a time and returns NaN for a width that is not a multiple
+# (torch 2.13); such products take torch's operations.
+_ATEN_COLUMN_MULTIPLE = 16
+# Up to 16 rows (the last line of an edited prompt) aten's kernel beats converting the matrix to
+# float32 for a BLAS product; at 32 they tie, beyond it loses (a dim-384 layer, 1 thread).
+_ATEN_ROWS = 16
 
 _ready: dict[tuple[str, str], bool] = {}  # (device type, "int8" or "all") -> on there (see `prepare`)
-_any_ready = False  # so that a CPU decode step, which never uses the kernels, pays one read per product
+_any_ready = False  # so that a step on a device without kernels pays one read per product
 _kernels: dict = {}  # built by `prepare`
 _checked: dict[tuple[str, str], bool] = {}  # (device type, choice) -> passed `_self_test`
 _disabled = False  # set once if a kernel fails at run time: decoding carries on with torch's ops
@@ -84,15 +101,17 @@ def prepare(device: torch.device, int8_weights: bool) -> str:
     """
     global _any_ready
     wanted = choice()
-    here = device.type == "cuda" or (device.type == "cpu" and _interpreting())
-    if not here or importlib.util.find_spec("triton") is None:
+    if _aten_cpu(device):
+        # No Triton on a plain CPU: only int8 products have a kernel, aten's.
+        wanted = "int8" if wanted != "none" and _aten_int8_available() else "none"
+    elif device.type not in ("cuda", "cpu") or importlib.util.find_spec("triton") is None:  # cpu: interpreted
         wanted = "none"
     if wanted == "int8" and not int8_weights:  # nothing of this model's; another's int8 choice stands
         _ready[(device.type, "all")] = False
         _any_ready = any(_ready.values())
         return "none"
     if wanted != "none":
-        if not _kernels:
+        if not _kernels and not _aten_cpu(device):
             _kernels.update(_build())
         if (device.type, wanted) not in _checked:
             _checked[(device.type, wanted)] = _self_test(device, wanted)
@@ -182,12 +201,41 @@ def ready(device: torch.device, what: str) -> bool:
 
 
 def applies(x: torch.Tensor, scales: torch.Tensor | None) -> bool:
-    """Whether `matvec` computes `x @ W`: one row of activations, weights `prepare` chose it for."""
-    return _any_ready and x.numel() == x.shape[-1] and ready(x.device, "all" if scales is None else "int8")
+    """Whether `matvec` computes `x @ W`: one row of activations (a few for aten's int8 kernel on a
+    CPU), weights `prepare` chose it for."""
+    if not _any_ready:
+        return False
+    rows = x.numel() // x.shape[-1]
+    if rows == 1:
+        return ready(x.device, "all" if scales is None else "int8")
+    return rows <= _ATEN_ROWS and scales is not None and _aten_cpu(x.device) and ready(x.device, "int8")
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _aten_cpu(device: torch.device) -> bool:
+    """Whether products on `device` go to aten's CPU kernel rather than Triton's (compiled or interpreted)."""
+    return device.type == "cpu" and not _interpreting()
+
+
+def kernel_scales(device: torch.device, scales: torch.Tensor | None) -> torch.Tensor | None:
+    """Int8 scales in the dtype the kernels on `device` read: aten's CPU kernel takes only its
+    activations' dtype, bf16; converted once here rather than for every product of every step."""
+    if scales is None or not (_aten_cpu(device) and ready(device, "int8")):
+        return scales
+    return scales.to(torch.bfloat16)
+
+
+def cpu_reads_int8() -> bool:
+    """Whether int8 weights on a CPU would decode through aten's int8 kernel (before its self-test)."""
+    return not _interpreting() and choice() != "none" and _aten_int8_available()
+
+
+def _aten_int8_available() -> bool:
+    capability = torch.backends.cpu.get_cpu_capability()
+    return hasattr(torch, "_weight_int8pack_mm") and capability in _ATEN_CPU_CAPABILITIES
 
 
 def matvec(
@@ -199,7 +247,7 @@ def matvec(
     eps: float = 0.0,
     swiglu: bool = False,
 ) -> torch.Tensor:
-    """residual + (f(x) @ weight.T) * scales for one row x [..., K]; weight [N, K], int8 or float.
+    """residual + (f(x) @ weight.T) * scales for one row x [..., K] (a few, see `applies`); weight [N, K].
 
     f is the identity, the RMS norm with weights `norm` and `eps`, or with `swiglu` silu(gate) * up
     of x = [gate, up] (then x has 2K values). Scales and residual are optional. The result has x's
@@ -218,18 +266,36 @@ def matvec(
 
 def _reference(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
     """What the kernel computes, in torch's operations (the fallback)."""
-    if swiglu:
-        gate, up = x.chunk(2, dim=-1)
-        x = torch.nn.functional.silu(gate) * up
-    if norm is not None:
-        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm, eps)
+    x = _prologue(x, norm, eps, swiglu)
     out = x @ weight.t().to(x.dtype)
     if scales is not None:
         out = out * scales
     return out if residual is None else residual + out
 
 
+def _prologue(x, norm, eps, swiglu) -> torch.Tensor:
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = torch.nn.functional.silu(gate) * up
+    if norm is not None:
+        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm, eps)
+    return x
+
+
+def _aten_launch(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
+    """The CPU's int8 product: norm or SwiGLU in torch's operations, then aten's int8 kernel."""
+    x = _prologue(x, norm, eps, swiglu)
+    if scales is None or x.shape[-1] % _ATEN_COLUMN_MULTIPLE or not weight.is_contiguous():
+        return _reference(x, weight, scales, residual, None, 0.0, False)
+    bf16 = torch.bfloat16
+    out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(bf16), weight, scales.to(bf16))
+    out = out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+    return out if residual is None else residual + out
+
+
 def _launch(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:
+    if _aten_cpu(x.device):
+        return _aten_launch(x, weight, scales, residual, norm, eps, swiglu)
     rows, columns = weight.shape
     out = x.new_empty((*x.shape[:-1], rows))
     blocks = {}

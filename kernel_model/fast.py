@@ -135,9 +135,12 @@ def _fuse(modules: list[nn.Module], transpose: bool) -> tuple[torch.Tensor, torc
     return matrix, scales
 
 
-def transposes(device: torch.device, out_features: int, in_features: int) -> bool:
+def transposes(device: torch.device, out_features: int, in_features: int, int8: bool) -> bool:
     # CPU BLAS computes x @ W faster from a [in, out] copy when W is much taller than wide (the
-    # output projection: 3x at dim 256); GPUs read the usual layout at full speed.
+    # output projection: 3x at dim 256); GPUs read the usual layout at full speed, and so does
+    # aten's int8 kernel, which takes only that layout.
+    if int8 and decode_kernels.ready(device, "int8"):
+        return False
     return device.type == "cpu" and out_features >= 4 * in_features
 
 
@@ -147,18 +150,18 @@ class FastLayer(nn.Module):
         attention, ffn = block.attention, block.feed_forward
         self.n_heads, self.n_kv_heads = attention.n_heads, attention.n_kv_heads
         self.head_dim = attention.head_dim
-        device = attention.wq.weight.device
+        device, int8 = attention.wq.weight.device, isinstance(attention.wq, Int8Linear)
         dim, hidden = attention.wq.weight.shape[1], ffn.w1.weight.shape[0]
         qkv_rows = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         fused = {
-            "qkv": _fuse([attention.wq, attention.wk, attention.wv], transposes(device, qkv_rows, dim)),
-            "13": _fuse([ffn.w1, ffn.w3], transposes(device, 2 * hidden, dim)),  # gate, up: one matmul
+            "qkv": _fuse([attention.wq, attention.wk, attention.wv], transposes(device, qkv_rows, dim, int8)),
+            "13": _fuse([ffn.w1, ffn.w3], transposes(device, 2 * hidden, dim, int8)),  # gate, up: one matmul
             "o": _fuse([attention.wo], False),
             "2": _fuse([ffn.w2], False),
         }
         for name, (matrix, scales) in fused.items():
             self.register_buffer(f"w{name}", matrix, persistent=False)
-            self.register_buffer(f"s{name}", scales, persistent=False)
+            self.register_buffer(f"s{name}", decode_kernels.kernel_scales(device, scales), persistent=False)
         self.attention_norm = block.attention_norm.weight.detach()
         self.ffn_norm = block.ffn_norm.weight.detach()
         # What block_halves' two functions take, in their order (FastTransformer._plan joins them).
@@ -167,8 +170,8 @@ class FastLayer(nn.Module):
 
 
 def linear(x: torch.Tensor, matrix: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """x @ matrix [in, out], int8 matrices scaled per output; one row goes to `decode_kernels` where
-    it runs (which reads int8 as it is), else int8 is converted to x's dtype first."""
+    """x @ matrix [in, out], int8 matrices scaled per output; one row (a few on a CPU) goes to
+    `decode_kernels` where it runs (which reads int8 as it is), else int8 is converted to x's dtype first."""
     if decode_kernels.applies(x, scales):
         return decode_kernels.matvec(x, matrix.t(), scales)
     if scales is None:
@@ -291,12 +294,15 @@ class FastTransformer(nn.Module):
         # (flash on a GPU). The benchmark sets it to weigh cuDNN's attention (BENCHMARKS.md).
         self.prompt_backends: list[SDPBackend] | None = None
         self.halves = block_halves(self.args)
-        self.layers = nn.ModuleList(FastLayer(block) for block in model.layers)
         self.embedding = model.tok_embeddings.weight.detach()
+        # Before the weights are fused: where the kernels run decides the layout they are fused in.
+        int8 = isinstance(model.output, Int8Linear)
+        decode_kernels.prepare(self.device, int8_weights=int8)
+        self.layers = nn.ModuleList(FastLayer(block) for block in model.layers)
         self.norm = model.norm.weight.detach()
         vocab, dim = model.output.weight.shape
-        self.wout, self.sout = _fuse([model.output], transposes(self.embedding.device, vocab, dim))
-        decode_kernels.prepare(self.device, int8_weights=self.sout is not None)
+        self.wout, scales = _fuse([model.output], transposes(self.device, vocab, dim, int8))
+        self.sout = decode_kernels.kernel_scales(self.device, scales)
         self.rope = RotaryTable(self.args.head_dim, self.args.rope_theta, self.args.max_context, self.device)
         # Each layer's weights as one plain tuple: the one-token path reads them per op.
         self._plan = [(*layer.before_attention, *layer.after_attention) for layer in self.layers]

@@ -37,9 +37,10 @@ def test_the_kernel_applies_to_one_row_of_the_weights_chosen(kernel_state, monke
     cpu, one_row, prompt, scales = torch.device("cpu"), torch.zeros(1, 8), torch.zeros(4, 8), torch.ones(8)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("KERNEL_MODEL_DECODE_KERNELS", raising=False)
-    assert decode_kernels.prepare(cpu, int8_weights=True) == "none" and not decode_kernels.applies(
-        one_row, scales
-    )  # plain CPU
+    plain_cpu = "int8" if decode_kernels.cpu_reads_int8() else "none"  # aten's int8 kernel, on x86
+    assert decode_kernels.prepare(cpu, int8_weights=True) == plain_cpu
+    assert decode_kernels.applies(one_row, scales) == (plain_cpu == "int8")
+    assert not decode_kernels.applies(one_row, None)  # aten has no kernel of ours for float weights
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert decode_kernels.prepare(cpu, int8_weights=False) == "none"  # the default: int8 weights only
     assert decode_kernels.prepare(cpu, int8_weights=True) == "int8"
@@ -94,3 +95,43 @@ def test_the_kernel_passes_its_tests_under_the_interpreter():
     )
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
     assert " passed" in child.stdout and "skipped" not in child.stdout, child.stdout[-2000:]
+
+
+@pytest.mark.skipif(
+    not decode_kernels.cpu_reads_int8(), reason="aten's int8 kernel is vectorized on x86 only"
+)
+@pytest.mark.parametrize("columns", [256, 40], ids=["its-widths", "a-width-it-gets-wrong"])
+def test_the_cpu_int8_kernel_computes_every_variant(kernel_state, monkeypatch, columns):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("KERNEL_MODEL_DECODE_KERNELS", raising=False)
+    cpu = torch.device("cpu")
+    assert decode_kernels.prepare(cpu, int8_weights=True) == "int8"  # its self-test passed
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    weight, scales = quantize_rows(draw(48, columns))
+    assert not decode_kernels.applies(draw(17, columns).float(), scales)  # a prompt: converted, then BLAS
+    x, gate_up, residual, norm = (
+        draw(1, columns),
+        draw(1, 2 * columns),
+        draw(1, 48),
+        draw(columns).abs() + 0.5,
+    )
+    for row, options in (
+        (x, {}),
+        (x, {"norm": norm, "eps": 1e-5}),
+        (x, {"residual": residual}),
+        (gate_up, {"residual": residual, "swiglu": True}),
+        (draw(1, 12, columns), {"norm": norm, "eps": 1e-5}),  # the last line of an edited prompt
+    ):
+        assert decode_kernels.applies(row.float(), scales)
+        arguments = {"residual": None, "norm": None, "eps": 0.0, "swiglu": False, **options}
+        expected = decode_kernels._reference(row, weight, scales, **arguments)
+        as_served = {name: v.float() if isinstance(v, torch.Tensor) else v for name, v in arguments.items()}
+        got = decode_kernels.matvec(
+            row.float(), weight, decode_kernels.kernel_scales(cpu, scales.float()), **as_served
+        )
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert float((got.double() - expected).norm() / expected.norm()) <= 0.01  # bf16 activations

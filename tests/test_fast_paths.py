@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend
 
-from kernel_model import CodeLlama, ModelError, SamplingParams, Tokenizer, load_model
+from kernel_model import CodeLlama, ModelError, SamplingParams, Tokenizer, decode_kernels, load_model
 from kernel_model.bench import random_transformer
 from kernel_model.codellama import ROUNDING_FACTOR, STATIC_STEP_FLOOR
 from kernel_model.fast import (
@@ -21,6 +21,7 @@ from kernel_model.fast import (
     RotaryTable,
     dequantize,
     quantize_int8,
+    relative_distance,
     rotate,
 )
 from kernel_model.generate import (
@@ -230,7 +231,8 @@ def test_sampling_runs_on_the_fast_path_and_is_reproducible(codellama_tokenizer_
 # -- int8 -----------------------------------------------------------------------------------------
 
 
-def test_int8_gives_the_tokens_of_its_dequantized_reference(codellama_tokenizer_file):
+def test_int8_gives_the_tokens_of_its_dequantized_reference(codellama_tokenizer_file, monkeypatch):
+    monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "none")  # torch's operations: exact in float32
     tokenizer = Tokenizer(codellama_tokenizer_file)
     int8 = CodeLlama(model(shape(2)), tokenizer, "t", "random", quant="int8")
     reference = CodeLlama(dequantize(quantize_int8(model(shape(2)))), tokenizer, "t", "random", fast=False)
@@ -243,6 +245,50 @@ def test_int8_gives_the_tokens_of_its_dequantized_reference(codellama_tokenizer_
     assert info["quant"] == "int8" and info["parameters"] == reference.info()["parameters"]
     weights = [b for name, b in int8.model.named_buffers() if name.endswith("wq.weight")]
     assert weights and all(w.dtype == torch.int8 for w in weights)
+
+
+def teacher_forced_logits(llama: CodeLlama, ids: list[int], continuation: list[int]) -> list[torch.Tensor]:
+    """The logits after the prompt and after each continuation token but the last, one step at a time."""
+    cache = llama.model.new_cache()
+    logits = [llama.decoder.logits(ids, 0, cache)]
+    for offset, token in enumerate(continuation[:-1]):
+        logits.append(llama.decoder.logits([token], len(ids) + offset, cache))
+    return logits
+
+
+cpu_int8_kernel = pytest.mark.skipif(
+    not decode_kernels.cpu_reads_int8(), reason="aten's int8 kernel is vectorized on x86 (AVX2, AVX-512) only"
+)
+
+
+@cpu_int8_kernel
+def test_the_cpu_int8_kernel_decodes_what_the_dequantized_model_does(tokenizer):
+    int8 = CodeLlama(model(shape(2)), tokenizer, "t", "random", quant="int8")
+    reference = CodeLlama(dequantize(quantize_int8(model(shape(2)))), tokenizer, "t", "random", fast=False)
+    assert decode_kernels.ready(CPU, "int8")
+    ids = some_ids(40)
+    continuation = greedy_tokens(reference, ids, 16)
+    with torch.inference_mode():
+        got, expected = (teacher_forced_logits(llama, ids, continuation) for llama in (int8, reference))
+        # bf16 activations round each product's input once: ~1e-2 of the logits, where a wrong
+        # weight row or a stale cache entry moves them by tens of percent.
+        assert all(relative_distance(a, b) <= 0.03 for a, b in zip(got, expected, strict=True))
+
+
+@cpu_int8_kernel
+def test_the_embedded_model_stays_int8_on_a_cpu_close_to_its_float32_logits():
+    int8, float32 = load_model("embedded"), load_model("embedded", quant=None)
+    assert int8.info()["quant"] == "int8" and float32.info()["quant"] is None
+    ids = int8.tokenizer.encode(PREFIX, bos=True)
+    expected = greedy_tokens(float32, ids, 24)
+    with torch.inference_mode():
+        got, reference = (teacher_forced_logits(llama, ids, expected) for llama in (int8, float32))
+        assert all(relative_distance(a, b) <= 0.03 for a, b in zip(got, reference, strict=True))
+
+
+def test_without_the_cpu_int8_kernel_the_embedded_model_loads_in_float32(monkeypatch):
+    monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "none")
+    assert load_model("embedded", warmup=False).info()["quant"] is None
 
 
 def test_int8_rows_round_trip_within_half_a_step():
