@@ -39,7 +39,8 @@ class CodeLlamaExtension(ExtensionApp):
         "",
         help="'int8': hold the model's matrices as int8 with one scale per row, quantized one at a time as "
         "they load: half of bfloat16's memory (13B in about 14 GB), so a bigger model fits the GPU. "
-        "On a GPU it decodes fast only compiled (compile=True). Empty: the weights as loaded.",
+        "'none': every matrix in dtype. Empty: int8 where the checkpoint stores int8 (the embedded "
+        "model) and the device is a CPU that reads int8 fast (x86 with AVX2), else as 'none'.",
     ).tag(config=True)
     compile = Bool(
         False,
@@ -144,9 +145,9 @@ class CodeLlamaExtension(ExtensionApp):
 
     @validate("quant")
     def _check_quant(self, proposal: dict) -> str:
-        if proposal["value"] not in ("", *QUANTIZATIONS):
+        if proposal["value"] not in ("", "none", *QUANTIZATIONS):
             raise TraitError(
-                f"quant must be empty or one of {', '.join(QUANTIZATIONS)}, not {proposal['value']!r}"
+                f"quant must be empty, none or one of {', '.join(QUANTIZATIONS)}, not {proposal['value']!r}"
             )
         return proposal["value"]
 
@@ -171,13 +172,13 @@ class CodeLlamaExtension(ExtensionApp):
         )
 
     def initialize_settings(self) -> None:
-        if self.backend != "local" and (self.quant or self.compile):
+        if self.backend != "local" and (self.quant not in ("", "none") or self.compile):
             self.log.warning("Code Llama: quant and compile apply to the local backend only; ignored")
         config = ServiceConfig(
             model=self.model,
             device=self.device,
             dtype=self.dtype,
-            quant=self.quant or None,
+            quant={"": "auto", "none": None}.get(self.quant, self.quant),
             compile=self.compile,
             max_context_tokens=self.max_context_tokens,
             request_timeout=self.request_timeout,

@@ -57,7 +57,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", type=Path, help="sentencepiece file for --shape (else synthetic ids)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-    p.add_argument("--quant", choices=("int8",), help="weight-only quantization")
+    p.add_argument(
+        "--quant", choices=("auto", "none", "int8"), default="auto",
+        help="weight-only quantization; auto: as load_model (int8-stored checkpoints stay int8 on a CPU)",
+    )  # fmt: skip
     p.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on GPU)")
     p.add_argument("--plain", action="store_true", help="the unoptimised reference path, for comparison")
     p.add_argument(
@@ -162,17 +165,16 @@ def find_tokenizer(args: argparse.Namespace, vocab_size: int) -> Tokenizer | Syn
 
 def build_engine(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, max_context: int):
     """(CodeLlama, ModelArgs) for --model or --shape, with the requested fast paths applied."""
-    options = {
-        "quant": args.quant, "compile": args.compile, "fast": not args.plain,
-        "warmup": True,
-    }  # fmt: skip
+    quant = None if args.quant == "none" else args.quant
+    options = {"compile": args.compile, "fast": not args.plain, "warmup": True}
     if args.model is not None:
-        engine = load_model(args.model, device, dtype, max_context=max_context, **options)
+        engine = load_model(args.model, device, dtype, max_context=max_context, quant=quant, **options)
         return engine, engine.model.args
     shape = shape_args(args, max_context)
     model = random_transformer(shape, device, dtype, args.seed)
     tokenizer = find_tokenizer(args, shape.vocab_size)
-    engine = CodeLlama(model, tokenizer, name=f"random-{args.shape}", layout="random", **options)
+    quant = None if quant == "auto" else quant  # random weights are not stored as int8
+    engine = CodeLlama(model, tokenizer, name=f"random-{args.shape}", layout="random", quant=quant, **options)
     return engine, shape
 
 
@@ -425,7 +427,7 @@ def run(args: argparse.Namespace) -> dict:
         "shape": {"dim": shape.dim, "layers": shape.n_layers, "heads": shape.n_heads,
                   "kv_heads": shape.n_kv_heads, "hidden": shape.hidden_dim, "vocab": shape.vocab_size},
         "dtype": str(dtype).removeprefix("torch."),
-        "quant": args.quant,
+        "quant": engine.quant,
         "decode_kernels": {what: decode_kernels.ready(device, what) for what in ("int8", "all")},
         "compile": args.compile,
         "prefill_chunk": args.prefill_chunk,
