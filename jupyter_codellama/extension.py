@@ -8,7 +8,7 @@ import secrets
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Int, TraitError, Unicode, default, validate
 
-from kernel_model.codellama import QUANTIZATIONS
+from kernel_model.codellama import QUANT_CHOICES, quant_setting
 
 from .handlers import handlers
 from .protocol import Limits
@@ -39,8 +39,8 @@ class CodeLlamaExtension(ExtensionApp):
         "",
         help="'int8': hold the model's matrices as int8 with one scale per row, quantized one at a time as "
         "they load: half of bfloat16's memory (13B in about 14 GB), so a bigger model fits the GPU. "
-        "'none': every matrix in dtype. Empty: int8 where the checkpoint stores int8 (the embedded "
-        "model) and the device is a CPU that reads int8 fast (x86 with AVX2), else as 'none'.",
+        "'none': every matrix in dtype. Empty or 'auto': int8 where the checkpoint stores int8 (the "
+        "embedded model) and the device is a CPU that reads int8 fast (x86 with AVX2), else as 'none'.",
     ).tag(config=True)
     compile = Bool(
         False,
@@ -145,9 +145,9 @@ class CodeLlamaExtension(ExtensionApp):
 
     @validate("quant")
     def _check_quant(self, proposal: dict) -> str:
-        if proposal["value"] not in ("", "none", *QUANTIZATIONS):
+        if proposal["value"] not in ("", *QUANT_CHOICES):
             raise TraitError(
-                f"quant must be empty, none or one of {', '.join(QUANTIZATIONS)}, not {proposal['value']!r}"
+                f"quant must be empty or one of {', '.join(QUANT_CHOICES)}, not {proposal['value']!r}"
             )
         return proposal["value"]
 
@@ -172,13 +172,13 @@ class CodeLlamaExtension(ExtensionApp):
         )
 
     def initialize_settings(self) -> None:
-        if self.backend != "local" and (self.quant not in ("", "none") or self.compile):
+        if self.backend != "local" and (self.quant not in ("", "auto", "none") or self.compile):
             self.log.warning("Code Llama: quant and compile apply to the local backend only; ignored")
         config = ServiceConfig(
             model=self.model,
             device=self.device,
             dtype=self.dtype,
-            quant={"": "auto", "none": None}.get(self.quant, self.quant),
+            quant=quant_setting(self.quant or "auto"),
             compile=self.compile,
             max_context_tokens=self.max_context_tokens,
             request_timeout=self.request_timeout,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import bench, evaluation, fim, gguf, vocab
 from .checkpoint import make_test_checkpoint
-from .codellama import load_model
+from .codellama import QUANT_CHOICES, QUANT_HELP, load_model, quant_setting
 from .errors import ModelError
 
 
@@ -67,6 +67,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder, or 'embedded'")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -77,12 +78,12 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    model = load_model(args.model, args.device, args.dtype)
+    model = load_model(args.model, args.device, args.dtype, quant=quant_setting(args.quant))
     print(json.dumps(model.info(), indent=2))
 
 
 def run_complete(args: argparse.Namespace) -> None:
-    model = load_model(args.model, args.device, args.dtype)
+    model = load_model(args.model, args.device, args.dtype, quant=quant_setting(args.quant))
     stream = model.stream_complete(
         args.prompt, args.max_new_tokens, args.temperature, args.top_p, seed=args.seed
     )
@@ -90,7 +91,7 @@ def run_complete(args: argparse.Namespace) -> None:
 
 
 def run_infill(args: argparse.Namespace) -> None:
-    model = load_model(args.model, args.device, args.dtype)
+    model = load_model(args.model, args.device, args.dtype, quant=quant_setting(args.quant))
     stream = model.stream_infill(
         args.prefix,
         args.suffix,

@@ -26,7 +26,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import decode_kernels
-from .codellama import CodeLlama, load_model, resolve_device, resolve_dtype
+from .codellama import (
+    QUANT_CHOICES,
+    QUANT_HELP,
+    CodeLlama,
+    load_model,
+    quant_setting,
+    resolve_device,
+    resolve_dtype,
+)
 from .errors import ModelError
 from .fast import PREFILL_CHUNK, FastDecoder, describe
 from .generate import SamplingParams
@@ -57,10 +65,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", type=Path, help="sentencepiece file for --shape (else synthetic ids)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-    p.add_argument(
-        "--quant", choices=("auto", "none", "int8"), default="auto",
-        help="weight-only quantization; auto: as load_model (int8-stored checkpoints stay int8 on a CPU)",
-    )  # fmt: skip
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
     p.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on GPU)")
     p.add_argument("--plain", action="store_true", help="the unoptimised reference path, for comparison")
     p.add_argument(
@@ -165,7 +170,7 @@ def find_tokenizer(args: argparse.Namespace, vocab_size: int) -> Tokenizer | Syn
 
 def build_engine(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, max_context: int):
     """(CodeLlama, ModelArgs) for --model or --shape, with the requested fast paths applied."""
-    quant = None if args.quant == "none" else args.quant
+    quant = quant_setting(args.quant)
     options = {"compile": args.compile, "fast": not args.plain, "warmup": True}
     if args.model is not None:
         engine = load_model(args.model, device, dtype, max_context=max_context, quant=quant, **options)

@@ -22,6 +22,10 @@ from .tokenizer import Tokenizer
 EMBEDDED_PATH = Path(__file__).parent / "embedded"
 CACHE_SLOTS = 4  # notebooks whose prompts keep their keys and values (least recently used out first)
 QUANTIZATIONS = ("int8",)
+QUANT_CHOICES = ("auto", "none", *QUANTIZATIONS)  # as command lines and settings spell load_model's quant
+QUANT_HELP = (
+    "int8 weights; auto (default): int8-stored checkpoints stay int8 on an x86 CPU; none: all in --dtype"
+)
 # How far static decode steps' logits may stray from the eager forward's (fast.FastDecoder.check)
 # before the engine decodes eagerly: ROUNDING_FACTOR times the drift rounding alone shows on this
 # model and device, and never less than the dtype's floor. Half precision rounds differently along
@@ -100,8 +104,8 @@ def load_model(
     tokenizer = Tokenizer(folder / "tokenizer.model")
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
-    if quant == "auto":
-        int8_here = resolved_device.type == "cpu" and decode_kernels.cpu_reads_int8()
+    if quant == "auto":  # the plain path (fast=False) has no kernels: it would convert every matrix
+        int8_here = fast and resolved_device.type == "cpu" and decode_kernels.cpu_reads_int8()
         quant = "int8" if int8_here and stores_int8(folder) else None
     check_quantization(quant)
     model, layout = load_transformer(
@@ -117,6 +121,11 @@ def load_model(
         model, tokenizer, name=name, layout=layout,
         fast=fast, quant=quant, compile=compile, graphs=graphs, warmup=warmup,
     )  # fmt: skip
+
+
+def quant_setting(word: str) -> str | None:
+    """load_model's `quant` for one of QUANT_CHOICES: "none" is None."""
+    return None if word == "none" else word
 
 
 def check_quantization(quant: str | None) -> None:

@@ -22,21 +22,21 @@ head rotates the queries and keys and writes keys and values at the step's posit
 kernels (q/k/v, RoPE and cache, attention in two, output, gate/up, down) where torch's ops took 16.
 
 On a CPU there is no Triton, but the same int8 products go to `torch._weight_int8pack_mm`, which
-reads the int8 rows as stored against bf16 activations and sums in float32; it takes the short
-prompts a keystroke prefills too (up to `_ATEN_ROWS` rows, where it beats converting the matrix). A CPU step is
-bound by the bytes it reads just as a GPU's is: `embedded` (20 M parameters) reads 20 MB per token
-this way, which a laptop's last-level cache can hold, instead of the 81 MB of its float32 copy, and
-decodes 1.7x faster on this project's VM (BENCHMARKS.md). Only x86 builds with AVX2 or AVX-512 get
-it: elsewhere aten falls back to scalar code, three times slower than a float32 product here.
+reads the int8 rows as stored against bf16 activations, sums in float32 and rounds each product to
+bf16 (the scales apply after, in float32); it also takes the few rows a keystroke's edit prefills
+(up to `_ATEN_ROWS`, where it beats converting the matrix). A CPU step is bound by the bytes it
+reads just as a GPU's is: `embedded` (20 M parameters) reads 20 MB per token this way, which a
+laptop's last-level cache can hold, instead of the 81 MB of its float32 copy, and decodes 1.7x
+faster on one thread of this project's VM, 2.7x on two (BENCHMARKS.md). Only x86 builds with AVX2
+or AVX-512 get it: elsewhere aten falls back to scalar code, three times slower than float32 here.
 
 `KERNEL_MODEL_DECODE_KERNELS` chooses, at model load: `int8` (the default: int8 weights' products
 only, which have nothing better), `all` (every product, RoPE and attention, in place of cuBLAS,
 SDPA and torch's ops; off by default until a GPU has measured it), `none` (torch's ops, as
-before: the benchmark's baseline; on a CPU, int8 weights converted to float32 for every product).
-Before a model uses them, `prepare` runs each variant once against torch's operations and drops
-the kernels if any fails. They run on CUDA, and on a CPU
-under Triton's interpreter (`TRITON_INTERPRET=1` before Triton is imported), which is how the
-tests check them without a GPU.
+before: the benchmark's baseline; `load_model` then holds an int8-stored checkpoint in float32 on a
+CPU). Before a model uses them, `prepare` runs each variant once against torch's operations and
+drops the kernels if any fails. Triton's run on CUDA, and on a CPU under Triton's interpreter
+(`TRITON_INTERPRET=1` before Triton is imported), which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ _ATEN_ROWS = 16
 _ready: dict[tuple[str, str], bool] = {}  # (device type, "int8" or "all") -> on there (see `prepare`)
 _any_ready = False  # so that a step on a device without kernels pays one read per product
 _kernels: dict = {}  # built by `prepare`
-_checked: dict[tuple[str, str], bool] = {}  # (device type, choice) -> passed `_self_test`
+_checked: dict[tuple[str, str, bool], bool] = {}  # (device type, choice, aten's?) -> passed `_self_test`
 _disabled = False  # set once if a kernel fails at run time: decoding carries on with torch's ops
+_ones: dict[int, torch.Tensor] = {}  # bf16 unit scales by row count, for aten's int8 kernel
 
 
 def choice() -> str:
@@ -113,14 +114,19 @@ def prepare(device: torch.device, int8_weights: bool) -> str:
     if wanted != "none":
         if not _kernels and not _aten_cpu(device):
             _kernels.update(_build())
-        if (device.type, wanted) not in _checked:
-            _checked[(device.type, wanted)] = _self_test(device, wanted)
-        if not _checked[(device.type, wanted)]:
+        if not _passes_self_test(device, wanted):
             wanted = "none"
     _ready[(device.type, "int8")] = wanted in ("int8", "all")
     _ready[(device.type, "all")] = wanted == "all"
     _any_ready = any(_ready.values())
     return wanted
+
+
+def _passes_self_test(device: torch.device, wanted: str) -> bool:
+    key = (device.type, wanted, _aten_cpu(device))  # a CPU runs aten's kernel, or Triton's interpreted
+    if key not in _checked:
+        _checked[key] = _self_test(device, wanted)
+    return _checked[key]
 
 
 def _self_test(device: torch.device, wanted: str) -> bool:
@@ -220,17 +226,11 @@ def _aten_cpu(device: torch.device) -> bool:
     return device.type == "cpu" and not _interpreting()
 
 
-def kernel_scales(device: torch.device, scales: torch.Tensor | None) -> torch.Tensor | None:
-    """Int8 scales in the dtype the kernels on `device` read: aten's CPU kernel takes only its
-    activations' dtype, bf16; converted once here rather than for every product of every step."""
-    if scales is None or not (_aten_cpu(device) and ready(device, "int8")):
-        return scales
-    return scales.to(torch.bfloat16)
-
-
 def cpu_reads_int8() -> bool:
-    """Whether int8 weights on a CPU would decode through aten's int8 kernel (before its self-test)."""
-    return not _interpreting() and choice() != "none" and _aten_int8_available()
+    """Whether int8 weights on a CPU decode through aten's int8 kernel: there, chosen, and past its self-test."""
+    if _interpreting() or choice() == "none" or not _aten_int8_available():
+        return False
+    return _passes_self_test(torch.device("cpu"), "int8")
 
 
 def _aten_int8_available() -> bool:
@@ -287,10 +287,18 @@ def _aten_launch(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor
     x = _prologue(x, norm, eps, swiglu)
     if scales is None or x.shape[-1] % _ATEN_COLUMN_MULTIPLE or not weight.is_contiguous():
         return _reference(x, weight, scales, residual, None, 0.0, False)
-    bf16 = torch.bfloat16
-    out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(bf16), weight, scales.to(bf16))
-    out = out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+    rows = weight.shape[0]
+    # The scales apply after, in their own dtype: the kernel takes only bf16 ones, a rounding saved.
+    out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), weight, _unit_scales(rows))
+    out = (out.view(*x.shape[:-1], rows) * scales).to(x.dtype)
     return out if residual is None else residual + out
+
+
+def _unit_scales(rows: int) -> torch.Tensor:
+    ones = _ones.get(rows)
+    if ones is None:
+        ones = _ones[rows] = torch.ones(rows, dtype=torch.bfloat16)
+    return ones
 
 
 def _launch(x, weight, scales, residual, norm, eps, swiglu) -> torch.Tensor:

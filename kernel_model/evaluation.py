@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from .codellama import QUANT_CHOICES, QUANT_HELP, quant_setting
 from .errors import PromptTooLong
 
 TOO_LONG = "prompt_too_long"  # a row's status when the task's prompt does not fit the model's window
@@ -294,6 +295,7 @@ def run_humaneval_infill(
     device: str = "auto",
     dtype: str = "auto",
     output: str | None = None,
+    quant: str | None = "auto",
 ) -> dict:
     """Score a model (or a baseline) on HumanEval single-line infilling; returns the summary dict."""
     if mode not in ("psm", "spm"):
@@ -318,7 +320,7 @@ def run_humaneval_infill(
             raise ValueError("--model is required unless --baseline is given")
         from kernel_model import load_model  # the engine is only needed when a model is scored
 
-        model = load_model(model_path, device=device, dtype=dtype)
+        model = load_model(model_path, device=device, dtype=dtype, quant=quant)
         if not getattr(model, "supports_infilling", False):
             raise ValueError(f"{model_path} does not support infilling")
 
@@ -374,6 +376,7 @@ def _cmd_humaneval_infill(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             output=args.output,
+            quant=quant_setting(args.quant),
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -408,6 +411,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per test run")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
     p.add_argument("--output", default=None, help="write per-task results as JSONL here")
     p.set_defaults(func=_cmd_humaneval_infill)
     fim_probe.add_cli(benchmarks)

@@ -161,7 +161,7 @@ class FastLayer(nn.Module):
         }
         for name, (matrix, scales) in fused.items():
             self.register_buffer(f"w{name}", matrix, persistent=False)
-            self.register_buffer(f"s{name}", decode_kernels.kernel_scales(device, scales), persistent=False)
+            self.register_buffer(f"s{name}", scales, persistent=False)
         self.attention_norm = block.attention_norm.weight.detach()
         self.ffn_norm = block.ffn_norm.weight.detach()
         # What block_halves' two functions take, in their order (FastTransformer._plan joins them).
@@ -301,8 +301,7 @@ class FastTransformer(nn.Module):
         self.layers = nn.ModuleList(FastLayer(block) for block in model.layers)
         self.norm = model.norm.weight.detach()
         vocab, dim = model.output.weight.shape
-        self.wout, scales = _fuse([model.output], transposes(self.device, vocab, dim, int8))
-        self.sout = decode_kernels.kernel_scales(self.device, scales)
+        self.wout, self.sout = _fuse([model.output], transposes(self.device, vocab, dim, int8))
         self.rope = RotaryTable(self.args.head_dim, self.args.rope_theta, self.args.max_context, self.device)
         # Each layer's weights as one plain tuple: the one-token path reads them per op.
         self._plan = [(*layer.before_attention, *layer.after_attention) for layer in self.layers]

@@ -31,6 +31,12 @@ def test_make_info_complete_infill(tmp_path, codellama_tokenizer_file):
     assert infilled.returncode == 0, infilled.stderr
 
 
+def test_quant_chooses_how_the_embedded_model_is_held():
+    held = {quant: json.loads(run("info", "--model", "embedded", "--quant", quant).stdout)["quant"]
+            for quant in ("none", "int8")}  # fmt: skip
+    assert held == {"none": None, "int8": "int8"}
+
+
 def test_errors_are_one_line(tmp_path):
     result = run("info", "--model", str(tmp_path / "missing"))
     assert result.returncode == 2

@@ -286,9 +286,22 @@ def test_the_embedded_model_stays_int8_on_a_cpu_close_to_its_float32_logits():
         assert all(relative_distance(a, b) <= 0.03 for a, b in zip(got, reference, strict=True))
 
 
+@cpu_int8_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_the_cpu_int8_kernel_serves_half_precision_models_prompts_and_steps(tokenizer, dtype):
+    int8 = CodeLlama(random_transformer(shape(2), CPU, dtype, seed=3), tokenizer, "t", "random", quant="int8")
+    for prompt in (some_ids(40), some_ids(8)):  # a prompt of more rows than the kernel takes, and of fewer
+        tokens = greedy_tokens(int8, prompt, 6)
+        assert len(tokens) == 6 and all(0 <= token < 32016 for token in tokens)
+
+
 def test_without_the_cpu_int8_kernel_the_embedded_model_loads_in_float32(monkeypatch):
     monkeypatch.setenv("KERNEL_MODEL_DECODE_KERNELS", "none")
     assert load_model("embedded", warmup=False).info()["quant"] is None
+
+
+def test_the_plain_reference_path_holds_the_embedded_model_in_float32():
+    assert load_model("embedded", fast=False, warmup=False).info()["quant"] is None
 
 
 def test_int8_rows_round_trip_within_half_a_step():

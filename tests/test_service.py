@@ -131,6 +131,6 @@ def test_int8_serving_holds_the_matrices_quantized_and_says_so(fim_checkpoint):
 
 
 def test_the_extension_refuses_an_unknown_quantization():
-    with pytest.raises(TraitError, match="quant must be empty, none or one of int8"):
+    with pytest.raises(TraitError, match="quant must be empty or one of auto, none, int8"):
         CodeLlamaExtension(quant="int4")
     assert CodeLlamaExtension(quant="int8").quant == "int8"

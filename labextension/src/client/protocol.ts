@@ -13,7 +13,7 @@ export interface IModelInfo {
   max_context: number;
   device: string;
   dtype: string;
-  /** 'int8' when the matrices are held quantized; '' as loaded. */
+  /** 'int8' when the matrices are held as int8; '' when in the model's dtype. */
   quant: string;
 }
 
