@@ -27,7 +27,7 @@ bf16 (the scales apply after, in float32); it also takes the few rows a keystrok
 (up to `_ATEN_ROWS`, where it beats converting the matrix). A CPU step is bound by the bytes it
 reads just as a GPU's is: `embedded` (20 M parameters) reads 20 MB per token this way, which a
 laptop's last-level cache can hold, instead of the 81 MB of its float32 copy, and decodes 1.7x
-faster on one thread of this project's VM, 2.7x on two (BENCHMARKS.md). Only x86 builds with AVX2
+faster on one thread of this project's VM, 2.5x on two (BENCHMARKS.md). Only x86 builds with AVX2
 or AVX-512 get it: elsewhere aten falls back to scalar code, three times slower than float32 here.
 
 `KERNEL_MODEL_DECODE_KERNELS` chooses, at model load: `int8` (the default: int8 weights' products
