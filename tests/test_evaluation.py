@@ -196,7 +196,7 @@ def test_run_with_stub_model(
     summary = evaluation.run_humaneval_infill(
         "some/checkpoint", mode=mode, data=str(data_file), workers=2, output=str(out)
     )
-    assert loaded == [("some/checkpoint", {"device": "auto", "dtype": "auto"})]
+    assert loaded == [("some/checkpoint", {"device": "auto", "dtype": "auto", "quant": "auto"})]
     assert summary["mode"] == mode and summary["tasks"] == 6 and summary["model"] == "some/checkpoint"
     assert summary["exact_match"] == pytest.approx(3 / 6, abs=1e-3)
     assert summary["pass@1"] >= summary["exact_match"]
