@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from .codellama import QUANT_CHOICES, QUANT_HELP, quant_setting
 from .errors import PromptTooLong
 
 TOO_LONG = "prompt_too_long"  # a row's status when the task's prompt does not fit the model's window
@@ -363,6 +362,8 @@ def run_humaneval_infill(
 
 
 def _cmd_humaneval_infill(args: argparse.Namespace) -> int:
+    from .codellama import quant_setting  # the engine's, loaded only when a command runs
+
     try:
         summary = run_humaneval_infill(
             args.model,
@@ -387,7 +388,8 @@ def _cmd_humaneval_infill(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register `eval humaneval-infill` and `eval fim-probe` on the engine's top-level subparsers."""
-    from . import fim_probe  # it needs torch; this module does not
+    from . import fim_probe  # they need torch; this module does not
+    from .codellama import QUANT_CHOICES, QUANT_HELP
 
     parser = subparsers.add_parser("eval", help="run a benchmark")
     benchmarks = parser.add_subparsers(dest="benchmark", required=True)

