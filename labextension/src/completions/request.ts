@@ -6,6 +6,7 @@ import type {
   IOutputPayload,
   IPrefixSuffixRequest
 } from '../client/protocol';
+import { headOf } from '../codepoints';
 
 /** Outputs are context, not content: a long dataframe print helps no more than its head. */
 export const MAX_OUTPUT_CHARS = 2000;
@@ -32,14 +33,23 @@ function joinText(text: unknown): string {
   return '';
 }
 
+/**
+ * A few more than the server reads (it keeps five per cell, after merging stream chunks and
+ * dropping bare reprs): a cell that printed thousands of outputs must not make every request huge.
+ */
+export const MAX_OUTPUTS_PER_CELL = 10;
+
 function clip(text: string): string {
-  return text.length > MAX_OUTPUT_CHARS ? `${text.slice(0, MAX_OUTPUT_CHARS)}\n...` : text;
+  return text.length > MAX_OUTPUT_CHARS ? `${headOf(text, MAX_OUTPUT_CHARS)}\n...` : text;
 }
 
 /** Keep only textual outputs: images and HTML cost bandwidth and tell a code model little. */
 export function outputsForContext(outputs: readonly unknown[]): IOutputPayload[] {
   const kept: IOutputPayload[] = [];
   for (const output of outputs) {
+    if (kept.length === MAX_OUTPUTS_PER_CELL) {
+      break;
+    }
     if (typeof output !== 'object' || output === null) {
       continue;
     }

@@ -1,5 +1,6 @@
 // Builds the fill-in-the-middle prompt for a docstring in the notebook's own style, and shapes what the model returns into an insertable docstring.
 
+import { headOf, tailOf } from '../codepoints';
 import { findDefinitions, IDefinition } from './definitions';
 
 export type Quote = '"""' | "'''";
@@ -112,10 +113,8 @@ export function docstringPrompt(options: IPromptOptions): IDocstringPrompt {
     context = `${style.exemplar}\n\n\n${context}`;
   }
   let prefix = context + head;
-  if (prefix.length > options.maxPrefixChars) {
-    prefix = prefix.slice(prefix.length - options.maxPrefixChars);
-  }
-  const suffix = (style.quote + source.slice(insertAt)).slice(0, options.maxSuffixChars);
+  prefix = tailOf(prefix, options.maxPrefixChars);
+  const suffix = headOf(style.quote + source.slice(insertAt), options.maxSuffixChars);
   return { prefix, suffix, insertAt, indent, quote: style.quote };
 }
 

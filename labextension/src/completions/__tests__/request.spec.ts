@@ -2,6 +2,7 @@
 
 import {
   MAX_OUTPUT_CHARS,
+  MAX_OUTPUTS_PER_CELL,
   notebookRequest,
   outputsForContext,
   prefixSuffixRequest
@@ -58,6 +59,22 @@ describe('notebookRequest', () => {
     ]);
     expect((kept as { text: string }).text.length).toBeLessThan(MAX_OUTPUT_CHARS + 10);
   });
+
+  it('never clips inside a surrogate pair', () => {
+    const text = `${'x'.repeat(MAX_OUTPUT_CHARS - 1)}\u{1F600}tail`;
+    const [kept] = outputsForContext([{ output_type: 'stream', name: 'stdout', text }]);
+    expect((kept as { text: string }).text).toBe(`${'x'.repeat(MAX_OUTPUT_CHARS - 1)}\n...`);
+  });
+
+  it('sends a bounded number of outputs from a cell that printed thousands', () => {
+    const many = Array.from({ length: 5000 }, (_, i) => ({
+      output_type: 'display_data',
+      data: { 'text/plain': `frame ${i}` }
+    }));
+    const kept = outputsForContext(many);
+    expect(kept).toHaveLength(MAX_OUTPUTS_PER_CELL);
+    expect(kept[0]).toEqual({ output_type: 'display_data', data: { 'text/plain': 'frame 0' } });
+  });
 });
 
 describe('prefixSuffixRequest', () => {
@@ -113,5 +130,12 @@ describe('completion settings', () => {
     expect(
       isEnabledFor({ ...settings, enabled: false }, { cellType: 'code', language: 'python' })
     ).toBe(false);
+  });
+
+  it('completes raw cells when enabled for them, although their editor language is plain text', () => {
+    const settings = DEFAULT_COMPLETION_SETTINGS;
+    const raw = { cellType: 'raw', language: 'plain' };
+    expect(isEnabledFor(settings, raw)).toBe(false);
+    expect(isEnabledFor({ ...settings, cellTypes: ['code', 'raw'] }, raw)).toBe(true);
   });
 });

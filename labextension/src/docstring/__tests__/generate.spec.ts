@@ -95,6 +95,21 @@ describe('docstringPrompt', () => {
     expect(prompt.suffix).toBe('"""\n ');
   });
 
+  it('never cuts the context or the body inside a surrogate pair', () => {
+    const emoji = '\u{1F600}';
+    const head = 'def add(a, b):\n    """';
+    const prompt = docstringPrompt({
+      source: `def add(a, b):\n    return '${emoji}'\n`,
+      definition,
+      style: detectStyle([]),
+      precedingCode: `x = '${emoji}'`,
+      maxPrefixChars: head.length + 4,
+      maxSuffixChars: 17
+    });
+    expect(prompt.prefix).toBe(`'\n\n${head}`);
+    expect(prompt.suffix).toBe(`"""\n    return '`);
+  });
+
   it('indents a body the cell has not written yet one step deeper', () => {
     const [, method] = findDefinitions('class A:\n  def f(self):');
     const prompt = docstringPrompt({
