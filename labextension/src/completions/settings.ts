@@ -99,8 +99,8 @@ export function isEnabledFor(
   if (where.cellType !== null && !settings.cellTypes.includes(where.cellType)) {
     return false;
   }
-  // Markdown cells are prose: their language is not the kernel's.
-  if (where.cellType === 'markdown') {
+  // Markdown and raw cells are not written in the kernel's language.
+  if (where.cellType === 'markdown' || where.cellType === 'raw') {
     return true;
   }
   return (
