@@ -3,8 +3,9 @@
 import type { JupyterFrontEnd } from '@jupyterlab/application';
 import { CommandRegistry } from '@lumino/commands';
 import type { CodeEditor } from '@jupyterlab/codeeditor';
-import type { ICompletionProviderManager, IInlineCompletionItem } from '@jupyterlab/completer';
+import type { ICompletionProviderManager } from '@jupyterlab/completer';
 import { CommandIds } from '../tokens';
+import { completerOf } from './completer';
 import { nextLine, nextWord } from './partial';
 import type { CodeLlamaInlineProvider } from './provider';
 
@@ -14,31 +15,6 @@ const ACCEPT_ALL = 'inline-completer:accept';
 interface IGhost {
   text: string;
   editor: CodeEditor.IEditor;
-}
-
-/**
- * The public inline-completer API can accept all, cycle and tell whether ghost
- * text is shown, but not which candidate is shown. That lives on the widget's
- * completion handler, which the manager keeps privately; read it defensively.
- */
-interface IInlineCompleterView {
-  current: IInlineCompletionItem | null;
-  editor: CodeEditor.IEditor | null | undefined;
-}
-
-function completerOf(
-  manager: ICompletionProviderManager,
-  widgetId: string
-): IInlineCompleterView | null {
-  const handlers = (
-    manager as unknown as {
-      _panelHandlers?: Map<string, { inlineCompleter?: IInlineCompleterView }>;
-    }
-  )._panelHandlers;
-  if (!(handlers instanceof Map)) {
-    return null;
-  }
-  return handlers.get(widgetId)?.inlineCompleter ?? null;
 }
 
 function shownGhost(

@@ -8,6 +8,7 @@ import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { ICodeLlamaClient, PLUGIN_PREFIX } from '../tokens';
 import { blankLineTrigger } from './blankline';
 import { addPartialAcceptCommands } from './commands';
+import { showsSuggestion } from './completer';
 import { CodeLlamaInlineProvider, PROVIDER_ID } from './provider';
 import {
   DEFAULT_COMPLETION_SETTINGS,
@@ -35,7 +36,7 @@ export const completionsPlugin: JupyterFrontEndPlugin<void> = {
     const provider = new CodeLlamaInlineProvider({
       client,
       settings: () => settings,
-      isShown: widgetId => manager.inline?.isActive(widgetId) ?? false
+      isShown: widgetId => showsSuggestion(manager, widgetId)
     });
     // Registered during activation: JupyterLab builds the inline-completer settings from providers known once the app is restored.
     manager.registerInlineProvider(provider);

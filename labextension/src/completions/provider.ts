@@ -37,6 +37,13 @@ interface IEditorState {
   suggestion: LiveSuggestion | null;
 }
 
+/** A suggestion as listed to JupyterLab, which keeps (and mutates) the very item objects returned. */
+interface IListedSuggestion {
+  suggestion: LiveSuggestion;
+  invoked: boolean;
+  items: Map<number, IInlineCompletionItem>;
+}
+
 export interface IShownSuggestion {
   suggestion: LiveSuggestion;
   editor: CodeEditor.IEditor;
@@ -95,11 +102,17 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     if (fetchNumber !== state.latestFetch || sharedModel.getSource() !== request.text) {
       throw new KeepCurrentSuggestion('A newer request replaces this one');
     }
-    // The user moved on from the previous suggestion: stop generating it.
-    state.suggestion?.cancel();
+    if (!isStillEdited(target, context.widget)) {
+      // JupyterLab would throw the answer away; asking would only delay the next cell's suggestion.
+      throw new KeepCurrentSuggestion('The user left the editor this was asked for');
+    }
+    // The user moved on from the previous suggestion, here or in another editor: stop generating
+    // it, as the server runs one generation at a time.
+    this._latest?.cancel();
 
     const suggestion = this._request(request, target, settings, invoked);
     state.suggestion = suggestion;
+    this._latest = suggestion;
     this._remember(context.widget, { suggestion, editor: target.editor });
     await suggestion.ready();
     if (
@@ -123,15 +136,24 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
 
   async *stream(token: string): AsyncGenerator<{ response: IInlineCompletionItem }> {
     const [id, index] = token.split('/');
-    const suggestion = this._byId.get(id);
-    if (!suggestion) {
+    const listed = this._listed.get(id);
+    if (!listed) {
       return;
     }
+    const { suggestion, invoked } = listed;
     const candidate = Number(index);
+    const item = listed.items.get(candidate);
     for await (const text of suggestion.updates(candidate)) {
+      if (item) {
+        // JupyterLab matches typing against `filterText`, which it fixes at the first keystroke and
+        // streaming does not update: typing past that point along the new text would drop the
+        // candidate while its ghost text stays on screen, and Tab would accept nothing.
+        item.filterText = text;
+      }
       yield { response: { insertText: text } };
     }
-    if (suggestion.error) {
+    if (suggestion.error && invoked) {
+      // As in `fetch`: a failure while typing shows in the status bar, not on the ghost text.
       const insertText = suggestion.remaining(candidate) ?? '';
       yield { response: { insertText, error: { message: suggestion.error } } };
     }
@@ -192,13 +214,14 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     });
     const previous = this._stateOf(sharedModel).suggestion;
     if (previous) {
-      this._byId.delete(previous.id);
+      this._listed.delete(previous.id);
     }
-    this._byId.set(suggestion.id, suggestion);
+    this._listed.set(suggestion.id, { suggestion, invoked, items: new Map() });
     return suggestion;
   }
 
   private _items(suggestion: LiveSuggestion): IInlineCompletionItem[] {
+    const listed = this._listed.get(suggestion.id);
     const items: IInlineCompletionItem[] = [];
     const seen = new Set<string>();
     for (let i = 0; i < suggestion.candidates; i++) {
@@ -211,7 +234,9 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
         seen.add(insertText);
         items.push({ insertText });
       } else {
-        items.push({ insertText, isIncomplete: true, token: `${suggestion.id}/${i}` });
+        const item = { insertText, isIncomplete: true, token: `${suggestion.id}/${i}` };
+        listed?.items.set(i, item);
+        items.push(item);
       }
     }
     return items;
@@ -232,7 +257,8 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
   private readonly _settings: () => ICompletionSettings;
   private readonly _isShown: (widgetId: string) => boolean;
   private readonly _editors = new WeakMap<object, IEditorState>();
-  private readonly _byId = new Map<string, LiveSuggestion>();
+  private readonly _listed = new Map<string, IListedSuggestion>();
+  private _latest: LiveSuggestion | null = null;
   private readonly _invokingAsTyping = new Set<string>();
   private readonly _shown = new Map<string, IShownSuggestion>();
 }

@@ -60,23 +60,29 @@ function fakeClient() {
   return { client, requests };
 }
 
-function setup(overrides: Partial<ICompletionSettings> = {}, shown = true) {
+function fakeEditor(text: string) {
   const editorModel = new FakeEditorModel();
-  editorModel.text = 'x = ';
+  editorModel.text = text;
   const editor = {
     model: { sharedModel: editorModel },
     focused: true,
     hasFocus: () => editor.focused
   };
-  (completionTarget as jest.Mock).mockReturnValue({
+  const target = {
     editor,
     cellType: 'code',
     language: 'python',
-    build: (text: string, jsOffset: number) => ({
-      prefix: text.slice(0, jsOffset),
-      suffix: text.slice(jsOffset)
+    build: (source: string, jsOffset: number) => ({
+      prefix: source.slice(0, jsOffset),
+      suffix: source.slice(jsOffset)
     })
-  });
+  };
+  return { editorModel, editor, target };
+}
+
+function setup(overrides: Partial<ICompletionSettings> = {}, shown = true) {
+  const { editorModel, editor, target } = fakeEditor('x = ');
+  (completionTarget as jest.Mock).mockReturnValue(target);
   const { client, requests } = fakeClient();
   const settings = { ...DEFAULT_COMPLETION_SETTINGS, debounceMs: 20, ...overrides };
   const provider = new CodeLlamaInlineProvider({
@@ -86,12 +92,22 @@ function setup(overrides: Partial<ICompletionSettings> = {}, shown = true) {
   });
   const widget: any = { id: 'nb-1' };
   widget.disposed = new Signal(widget);
-  const fetch = (triggerKind: number, offset = editorModel.text.length) =>
-    provider.fetch({ text: editorModel.text, offset, mimeType: 'text/x-ipython' }, {
-      widget,
-      triggerKind
-    } as any);
-  return { provider, requests, editorModel, editor, fetch };
+  const fetchFrom =
+    (model: FakeEditorModel) =>
+    (triggerKind: number, offset = model.text.length) =>
+      provider.fetch({ text: model.text, offset, mimeType: 'text/x-ipython' }, {
+        widget,
+        triggerKind
+      } as any);
+  /** The user leaves the editor for another one (a cell below) of the same widget. */
+  const moveToAnotherEditor = () => {
+    editor.focused = false;
+    const other = fakeEditor('y = ');
+    (completionTarget as jest.Mock).mockReturnValue(other.target);
+    return fetchFrom(other.editorModel);
+  };
+  const fetch = fetchFrom(editorModel);
+  return { provider, requests, editorModel, editor, fetch, moveToAnotherEditor };
 }
 
 const tick = (ms = 0) => new Promise(resolve => setTimeout(resolve, ms));
@@ -136,6 +152,66 @@ describe('CodeLlamaInlineProvider', () => {
     requests[0].done('abc');
     await streaming;
     expect(texts).toEqual(['a', 'abc']);
+  });
+
+  it('keeps the listed item matching what streams, so JupyterLab keeps it while the user types along', async () => {
+    const { provider, requests, fetch } = setup();
+    const listed = fetch(AUTOMATIC);
+    await tick(30);
+    requests[0].chunk('ra');
+    const [item] = (await listed).items;
+    item.filterText = 'ra'; // what JupyterLab records at the user's first keystroke
+    const streaming = (async () => {
+      for await (const { response } of provider.stream(item.token!)) {
+        item.insertText = response.insertText; // as JupyterLab's reconciliator does
+      }
+    })();
+    await tick();
+    requests[0].chunk('nge(10)');
+    await tick();
+    expect(item.filterText).toBe('range(10)');
+    requests[0].done('range(10)');
+    await streaming;
+  });
+
+  it('keeps a failure while typing off the ghost text, as fetch does', async () => {
+    const { provider, requests, fetch } = setup();
+    const listed = fetch(AUTOMATIC);
+    await tick(30);
+    requests[0].chunk('a');
+    const [item] = (await listed).items;
+    const responses: { error?: unknown }[] = [];
+    const streaming = (async () => {
+      for await (const { response } of provider.stream(item.token!)) {
+        responses.push(response);
+      }
+    })();
+    await tick();
+    requests[0].fail('connection lost');
+    await streaming;
+    expect(responses.every(response => response.error === undefined)).toBe(true);
+  });
+
+  it('asks nothing for an editor the user left during the debounce', async () => {
+    const { requests, editor, fetch } = setup();
+    const listed = fetch(AUTOMATIC);
+    editor.focused = false;
+    await expect(listed).rejects.toThrow(/left the editor/);
+    expect(requests).toHaveLength(0);
+  });
+
+  it('stops the suggestion of the editor the user left once another editor asks', async () => {
+    const { requests, fetch, moveToAnotherEditor } = setup();
+    const first = fetch(AUTOMATIC);
+    await tick(30);
+    requests[0].chunk('foo');
+    await first;
+    const fetchThere = moveToAnotherEditor();
+    void fetchThere(AUTOMATIC);
+    await tick(30);
+    expect(requests).toHaveLength(2);
+    expect(requests[1].request).toMatchObject({ prefix: 'y = ' });
+    expect(requests[0].cancelled).toBe(true);
   });
 
   it('keeps a suggestion the user is typing along instead of asking again', async () => {

@@ -1,0 +1,42 @@
+// What JupyterLab's inline completer shows in a widget, read past the public API where that API stops short.
+
+import type { CodeEditor } from '@jupyterlab/codeeditor';
+import type { ICompletionProviderManager, IInlineCompletionItem } from '@jupyterlab/completer';
+
+/**
+ * The public inline-completer API can accept all, cycle and tell whether ghost
+ * text is shown, but not which candidate is shown. That lives on the widget's
+ * completion handler, which the manager keeps privately; read it defensively.
+ */
+export interface IInlineCompleterView {
+  current: IInlineCompletionItem | null;
+  editor: CodeEditor.IEditor | null | undefined;
+}
+
+export function completerOf(
+  manager: ICompletionProviderManager,
+  widgetId: string
+): IInlineCompleterView | null {
+  const handlers = (
+    manager as unknown as {
+      _panelHandlers?: Map<string, { inlineCompleter?: IInlineCompleterView }>;
+    }
+  )._panelHandlers;
+  if (!(handlers instanceof Map)) {
+    return null;
+  }
+  return handlers.get(widgetId)?.inlineCompleter ?? null;
+}
+
+/**
+ * Whether the widget shows a suggestion that accepting would insert. JupyterLab can drop its
+ * candidates while the ghost text stays on screen (it filters them without clearing the view), so
+ * "active" alone is not enough: a provider that trusted it would keep a suggestion Tab cannot accept.
+ */
+export function showsSuggestion(manager: ICompletionProviderManager, widgetId: string): boolean {
+  if (!manager.inline?.isActive(widgetId)) {
+    return false;
+  }
+  const completer = completerOf(manager, widgetId);
+  return completer === null || completer.current != null;
+}
