@@ -32,6 +32,7 @@ from .protocol import (
     MessageTooLarge,
     ProtocolError,
     decode_message,
+    leading_id,
     parse_completion,
     request_id,
 )
@@ -173,6 +174,9 @@ class CompletionSocket(KernelKeyMixin, WebSocketMixin, WebSocketHandler, Jupyter
                 self.start(request_id(body), body)
             else:
                 raise ProtocolError("'type' must be 'complete' or 'cancel'")
+        except MessageTooLarge as exc:
+            # Answered with the request's id, or the client would wait on it for ever.
+            self.send({"type": "error", "id": leading_id(message), "message": str(exc)})
         except Busy as exc:
             self.send({"type": "error", "id": reply_id, "message": str(exc), "busy": True})
         except (ProtocolError, ModelError) as exc:

@@ -6,6 +6,7 @@ Every validation failure is a `ProtocolError` whose message is one sentence a us
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,20 @@ def decode_message(raw: str | bytes, max_bytes: int | None = None) -> dict[str, 
     return message
 
 
+# A client writes "type" and "id" first; the id of an over-long message is read from its head alone.
+_LEADING_ID = re.compile(r'"id"\s*:\s*"([^"\\]{1,' + str(MAX_ID_LENGTH) + '})"')
+_ID_SEARCH_CHARS = 512
+
+
+def leading_id(raw: str | bytes) -> str | None:
+    """The request id near the start of a message that will not be parsed (too large), if any."""
+    head = raw[:_ID_SEARCH_CHARS]
+    if isinstance(head, bytes):
+        head = head.decode("utf-8", "replace")
+    match = _LEADING_ID.search(head)
+    return match.group(1) if match else None
+
+
 def parse_completion(body: dict[str, Any], limits: Limits) -> CompletionRequest:
     fields: dict[str, Any] = {}
     if "notebook" in body:
@@ -115,7 +130,8 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> CompletionRequest:
     if "top_p" in body:
         fields["top_p"] = number(body, "top_p", 0.01, 1.0)
     if "n" in body:
-        fields["n"] = integer(body, "n", 1, limits.max_candidates)
+        # Clamped for the same reason as max_new_tokens: the frontend's candidate count is its own setting.
+        fields["n"] = min(integer(body, "n", 1, 1 << 30), limits.max_candidates)
     if "mode" in body:
         mode = body["mode"]
         if mode not in MODES:

@@ -320,6 +320,8 @@ async def test_monstrous_messages_get_clear_errors_or_bounded_work(jp_fetch, jp_
         reply = await read_json(ws)
         assert reply["type"] == "error" and fragment in reply["message"], (reply, fragment)
         check_error(reply["message"], markers)
+        if raw is cases[0][0]:
+            assert reply["id"] == "10MB"  # refused unread, yet answered: the client's request settles
     work: list[tuple[str, str]] = [
         ("4000", notebook_message("4000", [big_cell] * 3 + [{"cell_type": "code", "source": f"v{i} = {i}"} for i in range(4000)], 4002, 3)),
         ("line", notebook_message("line", [{"cell_type": "code", "source": long_line}], 0, len(long_line) // 2)),

@@ -86,6 +86,13 @@ async def test_rest_completion_plain_and_notebook(jp_fetch):
     assert 1 <= len(nb["choices"]) <= 2 and nb["text"] == nb["choices"][0]
 
 
+async def test_candidates_above_the_servers_ceiling_are_clamped_not_refused(jp_fetch):
+    """The frontend's candidate count is its own setting; a server configured lower still answers."""
+    await wait_ready(jp_fetch)
+    reply = await post(jp_fetch, {"prefix": "x = ", "max_new_tokens": 2, "n": 99, "temperature": 0.8})
+    assert 1 <= len(reply["choices"]) <= 4  # max_candidates' default
+
+
 async def test_bad_requests_get_one_clear_sentence(jp_fetch):
     await wait_ready(jp_fetch)
     for body, fragment in [
