@@ -51,6 +51,9 @@ export const docstringPlugin: JupyterFrontEndPlugin<void> = {
       return cell && cell.model.type === 'code' ? cell : null;
     };
     const isBusy = (cell: Cell | null) => !!cell && busyCells.has(cell.model.id);
+    /** A read-only notebook or a cell marked not editable is the user saying "do not change this". */
+    const isEditable = (cell: Cell) =>
+      !cell.readOnly && !(tracker.currentWidget?.content.model?.readOnly ?? false);
     const refresh = () => app.commands.notifyCommandChanged(id);
 
     const generate = async (cell: Cell) => {
@@ -96,6 +99,9 @@ export const docstringPlugin: JupyterFrontEndPlugin<void> = {
         Notification.info(plan.reason, { autoClose: 4000 });
         return;
       }
+      if (!isEditable(cell)) {
+        throw new Error('The cell became read-only while the docstring was being written.');
+      }
       if (cell.model.sharedModel.getSource() !== source) {
         // Offsets were computed for the old text; inserting now could split a line the user just wrote.
         throw new Error(
@@ -124,11 +130,15 @@ export const docstringPlugin: JupyterFrontEndPlugin<void> = {
       isVisible: args => codeCellFor(args) !== null,
       isEnabled: args => {
         const cell = codeCellFor(args);
-        return cell !== null && !isBusy(cell);
+        return cell !== null && !isBusy(cell) && isEditable(cell);
       },
       execute: async args => {
         const cell = codeCellFor(args);
         if (!cell || busyCells.has(cell.model.id)) {
+          return;
+        }
+        if (!isEditable(cell)) {
+          Notification.warning('This cell is read-only.', { autoClose: 5000 });
           return;
         }
         busyCells.add(cell.model.id);
