@@ -222,7 +222,7 @@ class ModelService:
         timings = {"queue_ms": round(queue_ms, 1), "prefill_ms": 0.0, "decode_ms": 0.0}
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
         if job.cancel.is_set():
-            job.emit(final_message("", [], usage, timings, cancelled=True))
+            job.emit({**final_message("", [], usage, timings, cancelled=True), "finish_reason": "cancelled"})
             return
         context = self._context(request)
         deadline = job.enqueued + self.config.request_timeout
@@ -243,6 +243,8 @@ class ModelService:
                 job.emit({"type": "chunk", "text": visible})
         finally:
             stream.close()  # also on a failure: a suspended generation would hold the model's lock
+        # Read before `finish`, which always fixes a stop point.
+        reason = "mode" if trimmer.done else stop_reason(job, deadline, stream.stats.finish_reason)
         tail = trimmer.finish(truncated=was_cut_off(stream.stats.finish_reason))
         if tail:
             shown.append(tail)
@@ -280,7 +282,7 @@ class ModelService:
         timings["decode_ms"] = round(sum(s.decode_ms for s in stats), 1)
         message = final_message(choices[0], choices, usage, timings, cancelled=job.cancel.is_set())
         # Why the text ended: a client can tell a deadline ("deadline") from a natural end.
-        message["finish_reason"] = "mode" if trimmer.done else stats[0].finish_reason
+        message["finish_reason"] = reason
         job.emit(message)
 
     def _context(self, request: CompletionRequest) -> FimContext:
@@ -322,6 +324,16 @@ def until_stopped(stream: Iterator[str], job: Job, deadline: float) -> Iterator[
         yield delta
         if job.cancel.is_set() or time.monotonic() > deadline:
             return
+
+
+def stop_reason(job: Job, deadline: float, engine_reason: str) -> str:
+    """Why a generation that the line/block rule did not end stopped: `until_stopped` leaves the
+    engine saying only "closed" when the service cut it short."""
+    if engine_reason != "closed":
+        return engine_reason
+    if job.cancel.is_set():
+        return "cancelled"
+    return "deadline" if time.monotonic() > deadline else engine_reason
 
 
 def final_message(

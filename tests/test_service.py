@@ -119,6 +119,27 @@ def test_a_block_cut_off_by_the_token_limit_ends_at_its_last_whole_statement(
     service.stop()
 
 
+@pytest.mark.parametrize(
+    ("mode", "engine_reason", "expected"),
+    [
+        ("none", "length", "length"),
+        ("none", "end", "end"),
+        ("none", "stop", "stop"),
+        ("line", "length", "mode"),
+    ],
+)
+def test_done_says_why_the_text_ended(fim_checkpoint, mode, engine_reason, expected):
+    service = ModelService(ServiceConfig(model=str(fim_checkpoint)))
+    service.start()
+    wait_for(lambda: service.status()["state"] == "ready")
+    deltas = ["total = 0", "\n", "print(total)"]
+    service.engine.stream = lambda *args, **kwargs: ScriptedStream(deltas, engine_reason)
+    request = CompletionRequest(prefix="", suffix="\n", mode=mode, max_new_tokens=3)
+    events = asyncio.run(run_job(service, request))
+    assert events[-1]["finish_reason"] == expected
+    service.stop()
+
+
 def test_int8_serving_holds_the_matrices_quantized_and_says_so(fim_checkpoint):
     service = ModelService(ServiceConfig(model=str(fim_checkpoint), quant="int8"))
     service.start()
