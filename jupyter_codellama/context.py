@@ -76,6 +76,7 @@ _TOP_LEVEL_START = re.compile(r"[A-Za-z_@]")
 _CLAUSE = re.compile(r"(?:else|elif|except|finally)\b")
 # Lines that start a statement even where an unclosed bracket above seems to continue one.
 _STATEMENT_KEYWORD = re.compile(r"(?:async[ \t]+def|def|class|import|from|if|for|while|with|try)\b|@")
+_LONE_CR = re.compile(r"\r(?!\n)")  # a line break to Python's parser, not to str.split("\n")
 _DEF_HEAD = re.compile(r"(?:async[ \t]+)?def[ \t]+(\w+)|class[ \t]+(\w+)")
 
 
@@ -556,6 +557,8 @@ def _parse_units(code: str) -> tuple[_Unit, ...]:
     statements by a line heuristic and each statement is parsed on its own; a def that still does
     not parse is read by pattern.
     """
+    # Same length, so positions hold; lines then number as the parser numbers them.
+    code = _LONE_CR.sub("\n", code)
     lines = code.split("\n")
     tree = _parse(code)
     if tree is not None:

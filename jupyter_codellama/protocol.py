@@ -108,10 +108,12 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> CompletionRequest:
             raise ProtocolError(str(exc)) from exc
         except RecursionError as exc:
             raise ProtocolError("the notebook is nested too deeply") from exc
+        if not cells:
+            raise ProtocolError("the notebook has no cells: a completion needs the cell it is typed in")
         check_cells(cells, limits)
         fields["cells"] = cells
-        fields["cell"] = integer(body, "cell", 0, max(len(cells) - 1, 0), required=True)
-        source_length = len(cells[fields["cell"]].source) if cells else 0
+        fields["cell"] = integer(body, "cell", 0, len(cells) - 1, required=True)
+        source_length = len(cells[fields["cell"]].source)
         fields["offset"] = integer(body, "offset", 0, source_length, required=True)
     elif "prefix" in body:
         fields["prefix"] = text(body, "prefix")

@@ -478,6 +478,15 @@ def test_cells_that_do_not_parse_still_yield_their_definitions() -> None:
     assert "def shift(x, by=1):\n" in header
 
 
+def test_old_mac_line_endings_above_the_cursor_are_read_as_line_breaks() -> None:
+    # Python's parser breaks lines at a lone "\r" too; a cell saved with them must not upset the
+    # line numbers the definitions are read by.
+    cells = [Cell("code", "class A:#%%bash\r  x = 1\rdef scale(v):\r    return v * 2\r"), *filler(30),
+             Cell("code", "scale(A.")]  # fmt: skip
+    ctx = context(cells, len(cells) - 1, len("scale(A."), 300)
+    assert "def scale(v):" in ctx.prefix.split("\n\n# %% [markdown]")[0]
+
+
 def test_the_active_cells_own_lines_above_the_cursor_are_gathered_when_cut() -> None:
     source = "import numpy as np\n" + "".join(f"row_{i} = {i}\n" for i in range(300)) + "np."
     ctx = context([Cell("code", source)], 0, len(source), 200)

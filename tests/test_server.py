@@ -103,6 +103,7 @@ async def test_bad_requests_get_one_clear_sentence(jp_fetch):
         ({"prefix": "x", "max_new_tokens": -1}, "max_new_tokens"),
         ({"prefix": "x", "mode": "paragraph"}, "'mode' must be one of"),
         ({"notebook": NOTEBOOK, "cell": 9, "offset": 0}, "'cell' must be between"),
+        ({"notebook": {"cells": []}, "cell": 0, "offset": 0}, "the notebook has no cells"),
         ({"prefix": "[INST] " + "word " * 5000, "infill": False}, "window leaves room"),
     ]:
         with pytest.raises(HTTPClientError) as error:
