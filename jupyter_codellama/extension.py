@@ -20,6 +20,8 @@ URL_ENV = "JUPYTER_CODELLAMA_URL"
 KEY_ENV = "JUPYTER_CODELLAMA_KEY"
 API_KEY_ENV = "JUPYTER_CODELLAMA_API_KEY"
 BACKENDS = ("local", "openai")
+# Half of the window goes to the completion at most (the service), so this leaves a few lines of context.
+MIN_CONTEXT_TOKENS = 128
 
 
 class CodeLlamaExtension(ExtensionApp):
@@ -123,8 +125,16 @@ class CodeLlamaExtension(ExtensionApp):
         "max_requests_per_connection",
     )
     def _check_positive(self, proposal: dict) -> int:
-        if proposal["value"] < 1:
-            raise TraitError(f"{proposal['trait'].name} must be at least 1, not {proposal['value']}")
+        name, value = proposal["trait"].name, proposal["value"]
+        least = MIN_CONTEXT_TOKENS if name == "max_context_tokens" else 1
+        if value < least:
+            raise TraitError(f"{name} must be at least {least}, not {value}")
+        return value
+
+    @validate("prefix_share")
+    def _check_share(self, proposal: dict) -> float:
+        if not 0.0 <= proposal["value"] <= 1.0:  # also refuses NaN
+            raise TraitError(f"prefix_share must be between 0 and 1, not {proposal['value']}")
         return proposal["value"]
 
     @validate("request_timeout")

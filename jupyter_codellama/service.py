@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kernel_model import ModelError, SamplingParams
@@ -215,8 +215,13 @@ class ModelService:
         job.emit({"type": "error", "message": message})
 
     def _run(self, job: Job) -> None:
-        engine, request = self.engine, job.request
+        engine = self.engine
         assert engine is not None
+        # The completion gets at most half the window, so a ceiling set above a small model's window
+        # shortens answers rather than refusing every request.
+        request = replace(
+            job.request, max_new_tokens=min(job.request.max_new_tokens, self.prompt_window() // 2)
+        )
         started = time.monotonic()
         queue_ms = (started - job.enqueued) * 1000
         timings = {"queue_ms": round(queue_ms, 1), "prefill_ms": 0.0, "decode_ms": 0.0}

@@ -151,6 +151,26 @@ def test_int8_serving_holds_the_matrices_quantized_and_says_so(fim_checkpoint):
     service.stop()
 
 
+def test_a_completion_longer_than_half_the_window_is_shortened_not_refused(fim_checkpoint):
+    service = ModelService(ServiceConfig(model=str(fim_checkpoint), max_context_tokens=256))
+    service.start()
+    wait_for(lambda: service.status()["state"] == "ready")
+    request = CompletionRequest(prefix="x = [", mode="none", max_new_tokens=250)
+    events = asyncio.run(run_job(service, request))
+    assert events[-1]["type"] == "done" and events[-1]["usage"]["completion_tokens"] <= 128
+    service.stop()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [("prefix_share", 1.5, "between 0 and 1"), ("prefix_share", float("nan"), "between 0 and 1"),
+     ("max_context_tokens", 60, "at least 128")],
+)  # fmt: skip
+def test_the_extension_refuses_settings_every_request_would_fail_on(setting, value, message):
+    with pytest.raises(TraitError, match=message):
+        CodeLlamaExtension(**{setting: value})
+
+
 def test_the_extension_refuses_an_unknown_quantization():
     with pytest.raises(TraitError, match="quant must be empty or one of auto, none, int8"):
         CodeLlamaExtension(quant="int4")
