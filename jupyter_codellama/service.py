@@ -156,8 +156,26 @@ class ModelService:
         job.answer_by = job.enqueued + timeout + min(timeout, WATCHDOG_GRACE_MAX_S)
         try:
             self._queue.put_nowait(job)
-        except queue.Full as exc:
-            raise Busy("the model is busy with other requests; try again in a moment") from exc
+        except queue.Full:
+            # Requests superseded by typing wait in the queue until the worker reaches them: their
+            # places go to this one first.
+            if not self._drop_cancelled():
+                raise Busy("the model is busy with other requests; try again in a moment") from None
+            self._queue.put_nowait(job)
+
+    def _drop_cancelled(self) -> int:
+        """Answer the cancelled requests still waiting in the queue and take them out of it."""
+        with self._queue.mutex:
+            waiting = self._queue.queue
+            dropped = [job for job in waiting if job is not None and job.cancel.is_set()]
+            if dropped:
+                kept = [job for job in waiting if job is None or not job.cancel.is_set()]
+                waiting.clear()
+                waiting.extend(kept)
+                self._queue.not_full.notify(len(dropped))
+        for job in dropped:
+            job.emit(cancelled_message(job))
+        return len(dropped)
 
     def prompt_window(self) -> int:
         assert self.engine is not None
@@ -227,7 +245,7 @@ class ModelService:
         timings = {"queue_ms": round(queue_ms, 1), "prefill_ms": 0.0, "decode_ms": 0.0}
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
         if job.cancel.is_set():
-            job.emit({**final_message("", [], usage, timings, cancelled=True), "finish_reason": "cancelled"})
+            job.emit(cancelled_message(job))
             return
         context = self._context(request)
         deadline = job.enqueued + self.config.request_timeout
@@ -339,6 +357,17 @@ def stop_reason(job: Job, deadline: float, engine_reason: str) -> str:
     if job.cancel.is_set():
         return "cancelled"
     return "deadline" if time.monotonic() > deadline else engine_reason
+
+
+def cancelled_message(job: Job) -> dict[str, Any]:
+    """The answer to a request cancelled before the worker started it."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+    timings = {
+        "queue_ms": round((time.monotonic() - job.enqueued) * 1000, 1),
+        "prefill_ms": 0.0,
+        "decode_ms": 0.0,
+    }
+    return {**final_message("", [], usage, timings, cancelled=True), "finish_reason": "cancelled"}
 
 
 def final_message(

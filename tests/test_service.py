@@ -140,6 +140,46 @@ def test_done_says_why_the_text_ended(fim_checkpoint, mode, engine_reason, expec
     service.stop()
 
 
+class HeldStream(ScriptedStream):
+    """A stream that waits for `release` before its first delta: a slow prefill."""
+
+    def __init__(self, release: threading.Event) -> None:
+        super().__init__(["x"], "end")
+        self.release = release
+
+    def __iter__(self):
+        self.release.wait(60)
+        return iter(self.deltas)
+
+
+def test_requests_cancelled_while_queued_give_their_places_to_new_ones(fim_checkpoint):
+    service = ModelService(ServiceConfig(model=str(fim_checkpoint), queue_size=2))
+    service.start()
+    wait_for(lambda: service.status()["state"] == "ready")
+    release = threading.Event()
+    service.engine.stream = lambda *args, **kwargs: HeldStream(release)
+
+    async def scenario() -> tuple[list[dict], list[dict]]:
+        loop = asyncio.get_running_loop()
+        jobs = {name: Job(id=name, request=CompletionRequest(prefix="x = "), loop=loop) for name in "abcd"}
+        service.submit(jobs["a"])
+        await asyncio.to_thread(wait_for, lambda: service.current is jobs["a"])
+        service.submit(jobs["b"])
+        service.submit(jobs["c"])  # the queue is full now
+        jobs["b"].cancel.set()  # superseded by typing, but still waiting
+        jobs["c"].cancel.set()
+        service.submit(jobs["d"])  # takes their places instead of "busy"
+        dropped = [await asyncio.wait_for(jobs[name].events.get(), 10) for name in "bc"]
+        release.set()
+        answered = [await asyncio.wait_for(jobs[name].events.get(), 60) for name in "ad"]
+        return dropped, answered
+
+    dropped, answered = asyncio.run(scenario())
+    assert all(event["finish_reason"] == "cancelled" and event["cancelled"] for event in dropped)
+    assert [event["type"] for event in answered] == ["chunk", "chunk"]
+    service.stop()
+
+
 def test_int8_serving_holds_the_matrices_quantized_and_says_so(fim_checkpoint):
     service = ModelService(ServiceConfig(model=str(fim_checkpoint), quant="int8"))
     service.start()
