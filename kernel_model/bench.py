@@ -53,6 +53,20 @@ SHORT_PROMPT = 16  # "short context" decode: a one-line prompt
 EDIT_TOKENS = 12  # about one line of code: what a keystroke-level edit changes at the prompt's tail
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _lengths(text: str) -> list[int]:
+    return [_positive(part) for part in text.split(",")]
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="measure decode, prefill and time to first token (JSON)")
     source = p.add_mutually_exclusive_group()
@@ -82,10 +96,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="a fresh prompt's attention: SDPA's choice, or cuDNN's first where it takes the inputs",
     )
-    p.add_argument("--prompt-tokens", help="comma-separated prefill lengths (GPU 1024,4096,16384)")
-    p.add_argument("--long-context", type=int, default=4096, help="context of the long-context decode")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3, help="runs per figure; median, min and max reported")
+    p.add_argument(
+        "--prompt-tokens", type=_lengths, help="comma-separated prefill lengths (GPU 1024,4096,16384)"
+    )
+    p.add_argument("--long-context", type=_positive, default=4096, help="context of the long-context decode")
+    p.add_argument("--new-tokens", type=_positive, default=128)
+    p.add_argument(
+        "--repeats", type=_positive, default=3, help="runs per figure; median, min and max reported"
+    )
     p.add_argument("--compare-hf", action="store_true", help="the same figures for HF transformers")
     p.add_argument(
         "--profile",
@@ -408,10 +426,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.prompt_tokens:
-        lengths = [int(n) for n in args.prompt_tokens.split(",")]
-    else:
-        lengths = [1024, 4096, 16384] if device.type == "cuda" else [256, 1024]
+    lengths = args.prompt_tokens or ([1024, 4096, 16384] if device.type == "cuda" else [256, 1024])
     max_context = max(16_384, *lengths, args.long_context) + args.new_tokens
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -65,9 +65,12 @@ def detect_layout(folder: Path) -> str:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(content, dict):
+        raise ModelError(f"{path} must hold a JSON object")
+    return content
 
 
 def window(recorded: object, max_context: int | None) -> int:
@@ -95,9 +98,11 @@ def meta_args(params: dict, vocab_size: int, max_context: int | None) -> ModelAr
         "rope_theta",
     }
     kwargs = {k: v for k, v in params.items() if k in known}
-    if params.get("vocab_size", -1) > 0:
-        vocab_size = params["vocab_size"]
+    if params.get("use_scaled_rope"):  # Llama 3.1's long-context RoPE, which this engine does not compute
+        raise ModelError("params.json asks for scaled RoPE, which this engine does not implement")
     try:
+        if params.get("vocab_size", -1) > 0:
+            vocab_size = params["vocab_size"]
         # `max_seq_len` is the field Meta's own ModelArgs uses; Meta's files leave it out, ours record it.
         context = window(params.get("max_seq_len"), max_context)
         return ModelArgs(**kwargs, vocab_size=vocab_size, max_context=context)
@@ -106,6 +111,14 @@ def meta_args(params: dict, vocab_size: int, max_context: int | None) -> ModelAr
 
 
 def hf_args(config: dict, max_context: int | None) -> ModelArgs:
+    # Transformers names a RoPE variant in `rope_scaling` (older) or `rope_parameters`; Code Llama uses
+    # the plain one. Loading another would give wrong logits without a word.
+    for rope in (config.get("rope_scaling"), config.get("rope_parameters")):
+        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if kind != "default":
+            raise ModelError(
+                f"config.json asks for {kind!r} RoPE scaling, which this engine does not implement"
+            )
     try:
         return ModelArgs(
             dim=config["hidden_size"],

@@ -14,7 +14,15 @@ from . import decode_kernels
 from .checkpoint import MAX_CONTEXT, load_transformer, stores_int8
 from .errors import ModelError
 from .fast import MIN_BUCKET, FastDecoder, FastTransformer, describe, int8_parameters, quantize_int8
-from .generate import Decoder, Generation, ModelDecoder, PrefixCache, SamplingParams, healing_index
+from .generate import (
+    Decoder,
+    Generation,
+    GenerationLock,
+    ModelDecoder,
+    PrefixCache,
+    SamplingParams,
+    healing_index,
+)
 from .model import Transformer, count_parameters
 from .prompts import Prompt, completion_prompt, infilling_prompt
 from .tokenizer import Tokenizer
@@ -87,7 +95,8 @@ def load_model(
     quantizing each matrix as it loads (the model never exists in full precision on the device);
     `quant="auto"` (the default) keeps the matrices of a checkpoint stored as int8 (the embedded
     model) in int8 on a CPU whose int8 kernel reads them as they are (`decode_kernels`): a decode
-    step then reads a quarter of the bytes; everywhere else, and with `quant=None`, they are held in `dtype`.
+    step then reads a quarter of the bytes; everywhere else, and with `quant=None` (or "none"), they
+    are held in `dtype`.
     `compile` also compiles the decode step (True: inductor, or a torch.compile backend name).
     `warmup` does at load what the first keystroke would otherwise pay for (see CodeLlama.warmup).
     `max_context` is the window in tokens; by default the length the checkpoint records having been
@@ -104,6 +113,7 @@ def load_model(
     tokenizer = Tokenizer(folder / "tokenizer.model")
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
+    quant = quant_setting(quant) if quant is not None else None
     if quant == "auto":  # the plain path (fast=False) has no kernels: it would convert every matrix
         int8_here = fast and resolved_device.type == "cpu" and decode_kernels.cpu_reads_int8()
         quant = "int8" if int8_here and stores_int8(folder) else None
@@ -130,7 +140,7 @@ def quant_setting(word: str) -> str | None:
 
 def check_quantization(quant: str | None) -> None:
     if quant is not None and quant not in QUANTIZATIONS:
-        raise ModelError(f"unknown quantization {quant!r}; use {', '.join(QUANTIZATIONS)}")
+        raise ModelError(f"unknown quantization {quant!r}; use {', '.join(QUANT_CHOICES)}")
 
 
 def default_cache_bytes(device: torch.device) -> int | None:
@@ -178,7 +188,7 @@ class CodeLlama:
         if cache_bytes is None:
             cache_bytes = default_cache_bytes(self.device)
         self.prefix_cache = PrefixCache(model, slots=cache_slots, max_bytes=cache_bytes)
-        self._lock = threading.Lock()
+        self._lock = GenerationLock()
         if warmup:
             self.warmup()
 

@@ -297,6 +297,32 @@ class ModelDecoder:
             yield token
 
 
+class GenerationLock:
+    """One generation at a time on a model (they share its caches), and one that says so.
+
+    A generation holds the lock from its first delta until it ends or is closed; one read partly and
+    then left open keeps it. Another thread waits for it, as for any running generation. The same
+    thread would wait for ever, so it gets an error instead.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holder: int | None = None
+
+    def __enter__(self) -> GenerationLock:
+        if self._holder == threading.get_ident():
+            raise ModelError(
+                "a generation on this model is still open in this thread: read it to the end or close() it first"
+            )
+        self._lock.acquire()
+        self._holder = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._holder = None
+        self._lock.release()
+
+
 class Generation:
     """One request's generation: iterate for text deltas; `result` is complete when iteration ends."""
 
@@ -308,7 +334,7 @@ class Generation:
         params: SamplingParams,
         cache: PrefixCache,
         cancel: threading.Event | None = None,
-        lock: threading.Lock | None = None,
+        lock: GenerationLock | None = None,
         decoder: Decoder | None = None,
     ) -> None:
         self.model = model
@@ -317,7 +343,7 @@ class Generation:
         self.params = params
         self.cache = cache
         self.cancel = cancel or threading.Event()
-        self.lock = lock or threading.Lock()
+        self.lock = lock or GenerationLock()
         self.decoder = decoder if decoder is not None else ModelDecoder(model)
         self.result = GenerationResult(prompt_tokens=len(prompt.ids))
         context = model.args.max_context
@@ -341,6 +367,12 @@ class Generation:
         """Stop early (the caller's own stop rule); the model is free again when this returns."""
         if self._steps is not None:
             self._steps.close()
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def text(self) -> str:
         for _ in self:

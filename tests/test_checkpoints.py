@@ -92,6 +92,20 @@ def test_the_window_defaults_to_the_trained_length(tmp_path, codellama_tokenizer
     assert load_model(tmp_path, max_context=4096).max_context == 4096  # asked for: extrapolate
 
 
+@pytest.mark.parametrize(
+    ("layout", "setting"),
+    [("hf", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+     ("hf", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}),
+     ("meta", {"use_scaled_rope": True})],
+)  # fmt: skip
+def test_scaled_rope_is_refused_not_computed_wrong(tmp_path, codellama_tokenizer_file, layout, setting):
+    make_test_checkpoint(tmp_path, layout, codellama_tokenizer_file)
+    config = tmp_path / ("params.json" if layout == "meta" else "config.json")
+    config.write_text(json.dumps({**json.loads(config.read_text()), **setting}))
+    with pytest.raises(ModelError, match="RoPE"):
+        load_model(tmp_path)
+
+
 def test_bad_context_size(fim_checkpoint):
     with pytest.raises(ModelError, match="max_context"):
         load_model(fim_checkpoint, max_context=200_000)
@@ -155,3 +169,9 @@ def test_int8_of_tied_embeddings_quantizes_the_shared_table(tmp_path, codellama_
     assert isinstance(
         load_model(tmp_path, quant="int8").infill("def f(x):\n    ", "\n", max_new_tokens=4), str
     )
+
+
+def test_quant_takes_the_words_the_command_line_and_settings_use(fim_checkpoint):
+    assert load_model(fim_checkpoint, quant="none").quant is None
+    with pytest.raises(ModelError, match="use auto, none, int8"):
+        load_model(fim_checkpoint, quant="int4")

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -42,3 +44,19 @@ def test_errors_are_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: checkpoint folder not found")
     assert "Traceback" not in result.stderr
+
+
+def test_bad_checkpoints_and_arguments_get_one_line_not_a_traceback(tmp_path, codellama_tokenizer_file):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "params.json").write_text("[1, 2]")
+    torch.save({}, odd / "consolidated.00.pth")
+    (odd / "tokenizer.model").write_bytes(codellama_tokenizer_file.read_bytes())
+    for args, message in [
+        (("info", "--model", str(odd)), "must hold a JSON object"),
+        (("bench", "--shape", "tiny", "--repeats", "0"), "must be 1 or more"),
+        (("bench", "--shape", "tiny", "--prompt-tokens", "64,abc"), "must be a whole number"),
+    ]:
+        result = run(*args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr

@@ -97,6 +97,16 @@ def test_prefix_reuse_runs_only_the_new_tokens_and_changes_nothing(fim_checkpoin
     assert model.infill(notebook + "x = d", "\n", max_new_tokens=8, suffix_first=True) == text
 
 
+def test_a_generation_left_open_is_an_error_in_its_thread_not_a_hang(fim_model):
+    from kernel_model import ModelError
+
+    with fim_model.stream_complete("def f(x):\n", max_new_tokens=8) as left_open:
+        next(left_open)
+        with pytest.raises(ModelError, match="still open in this thread"):
+            fim_model.complete("x = ", max_new_tokens=2)
+    assert isinstance(fim_model.complete("x = ", max_new_tokens=2), str)  # closed on leaving the block
+
+
 def test_prompt_longer_than_the_context_is_refused(fim_checkpoint):
     model = load_model(fim_checkpoint, max_context=64)
     with pytest.raises(PromptTooLong, match="context holds 64"):
