@@ -66,8 +66,8 @@ class CodeLlamaExtension(ExtensionApp):
         "it to the browser, but Jupyter's --debug log prints the whole config: prefer the environment."
     ).tag(config=True)
     remote_tokenizer = Unicode(
-        help="A local tokenizer.model of the remote model, for exact prompt budgets; empty: estimate "
-        "(characters / 2.5)."
+        help="A local tokenizer.model of the remote model, for exact prompt budgets; empty: an estimate "
+        "that errs on the long side."
     ).tag(config=True)
     remote_fim = Unicode(
         "auto",
@@ -171,7 +171,8 @@ class CodeLlamaExtension(ExtensionApp):
         return RemoteConfig(
             url=self.remote_url,
             model=self.remote_model,
-            api_key=self.remote_api_key or os.environ.get(self.remote_api_key_env, ""),
+            # A key read from a file or a secret often ends in a line break, which no header carries.
+            api_key=(self.remote_api_key or os.environ.get(self.remote_api_key_env, "")).strip(),
             tokenizer=self.remote_tokenizer,
             fim=self.remote_fim,
             connect_timeout=self.remote_connect_timeout,

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,15 +32,20 @@ from .engines import StreamStats
 
 # Code Llama's window; used when neither the settings nor the server's model list say otherwise.
 DEFAULT_REMOTE_CONTEXT = 16_384
-# Characters per token when no tokenizer is configured. Code Llama's tokenizer averages 3.4 on Python
-# source but 2.4 on the code cells of our test notebooks (numbers, short names): the lower figure
-# keeps estimated prompts from overflowing the server's window.
-CHARS_PER_TOKEN = 2.5
+# Token counts without a tokenizer: Code Llama's pieces cover about four letters of a word, and one
+# digit, punctuation mark or line break each; other scripts fall back to bytes at worst. A fixed
+# characters-per-token figure cannot serve both code (3.2) and printed numbers (1.4) without
+# overflowing the server's window on the second.
+_WORDS = re.compile(r"[A-Za-z_]+")
+_SINGLES = re.compile(r"[0-9!-/:-@\[-^`{-~\n]| (?=[0-9])")  # a space before a digit is a piece too
+_SPACE_RUNS = re.compile(r"[ \t]{2,}")
+ESTIMATE_MARGIN = 1.1  # measured: 1.1 to 2x the real count on code, numbers, tables, CJK and emoji
 FIM_MODES = ("auto", "spm", "psm", "off")
 # Code Llama variants without FIM pieces: Python, 34B and 70B (and their Instruct versions).
 _NO_FIM_NAMES = re.compile(r"python|34b|70b", re.IGNORECASE)
 # Statuses worth a retry: the server is overloaded or restarting, and nothing was generated yet.
 _RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]*")  # printable ASCII without spaces: what a Bearer token is
 # While unreachable, look again this often, so the status recovers soon after the server does.
 ERROR_PROBE_INTERVAL = 3.0
 
@@ -63,6 +68,10 @@ class RemoteUnavailable(ModelError):
     """The server could not be reached, or refused us before generating anything."""
 
 
+class KeyRefused(RemoteUnavailable):
+    """The server refused the API key: asking again cannot help."""
+
+
 def split_url(url: str) -> tuple[str, str, int, str]:
     """(scheme, host, port, path prefix) of the server's base URL; a trailing /v1 is optional."""
     parsed = urllib.parse.urlsplit(url.strip())
@@ -76,7 +85,13 @@ def split_url(url: str) -> tuple[str, str, int, str]:
 
 
 def estimate_tokens(text: str) -> int:
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
+    """An upper estimate of the Code Llama tokenizer's count for `text`."""
+    ascii_chars = len(text) if text.isascii() else sum(1 for c in text if c < "\x80")
+    words = sum((len(word) + 3) // 4 for word in _WORDS.findall(text))
+    singles = len(_SINGLES.findall(text))
+    spaces = sum((len(run) + 7) // 8 for run in _SPACE_RUNS.findall(text))
+    wide = len(text.encode("utf-8", "surrogatepass")) - ascii_chars
+    return math.ceil(ESTIMATE_MARGIN * (words + singles + spaces + wide))
 
 
 def fim_prompt(prefix: str, suffix: str, order: str) -> str:
@@ -144,6 +159,9 @@ class OpenAIEngine:
             raise ModelError(f"remote_fim must be one of {', '.join(FIM_MODES)}, not {config.fim!r}")
         if not config.url:
             raise ModelError("backend 'openai' needs remote_url (e.g. http://gpu-host:8000/v1)")
+        if not _HEADER_SAFE.fullmatch(config.api_key):
+            # http.client would refuse it with the key in its message, bound for the status and the log.
+            raise ModelError("the remote API key holds characters an HTTP header cannot carry")
         self.config = config
         self.log = log or logging.getLogger(__name__)
         self.scheme, self.host, self.port, self.prefix = split_url(config.url)
@@ -226,6 +244,8 @@ class OpenAIEngine:
             wanted = self.config.model or (ids[0] if ids else "")
             if not wanted:
                 raise RemoteUnavailable(f"{self.display_url} serves no model")
+            if wanted not in ids and f"{wanted}:latest" in ids:
+                wanted = f"{wanted}:latest"  # Ollama lists the tag that a bare name means
             if ids and wanted not in ids:
                 raise RemoteUnavailable(
                     f"{self.display_url} does not serve {wanted!r}; it serves {', '.join(ids[:8])}"
@@ -260,7 +280,10 @@ class OpenAIEngine:
             # between generations, so a probe then could time out on a healthy server.
             if self._stop.is_set() or (self.streaming and not woken and self.unavailable is None):
                 continue
-            self.probe()
+            try:
+                self.probe()
+            except Exception:  # the status must recover once the server does: this thread lives on
+                self.log.exception("Code Llama: the remote health check failed unexpectedly")
 
     def _infilling(self, name: str) -> bool:
         if self.config.fim == "off":
@@ -294,9 +317,22 @@ class OpenAIEngine:
         connection.sock.settimeout(read_timeout)
         return connection
 
-    def open(self, method: str, path: str, body: dict | None, read_timeout: float) -> _Response:
-        """One request; raises RemoteUnavailable (network, overload) or ModelError (refused) unless 200."""
+    def open(
+        self,
+        method: str,
+        path: str,
+        body: dict | None,
+        read_timeout: float,
+        on_connect: Callable[[http.client.HTTPConnection], None] | None = None,
+    ) -> _Response:
+        """One request; raises RemoteUnavailable (network, overload) or ModelError (refused) unless 200.
+
+        `on_connect` gets the connection before the request is sent, so that another thread can shut
+        it while the server has not answered yet (a queue, a model loading, a long prefill).
+        """
         connection = self._connection(read_timeout)
+        if on_connect is not None:
+            on_connect(connection)
         try:
             payload = None if body is None else json.dumps(body).encode("utf-8")
             headers = self._headers()
@@ -318,14 +354,16 @@ class OpenAIEngine:
 
     def _get_json(self, path: str) -> dict:
         opened = self.open("GET", path, None, min(self.config.read_timeout, 10.0))
+        where = f"{self.display_url}{path.removeprefix('/v1')}"
         try:
-            return json.loads(opened.response.read())
+            content = json.loads(opened.response.read())
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise RemoteUnavailable(
-                f"{self.display_url}{path.removeprefix('/v1')} answered unreadably: {exc}"
-            ) from exc
+            raise RemoteUnavailable(f"{where} answered unreadably: {exc}") from exc
         finally:
             opened.connection.close()
+        if not isinstance(content, dict):
+            raise RemoteUnavailable(f"{where} answered with JSON that is not an object")
+        return content
 
     def _network_reason(self, exc: BaseException, connecting: bool = False) -> str:
         where = f"{self.host}:{self.port}"
@@ -343,7 +381,7 @@ class OpenAIEngine:
         message = _error_message(detail) or http.client.responses.get(status, "")
         message = self.redact(message)[:300]
         if status in (401, 403):
-            return RemoteUnavailable(f"the remote server refused the API key (HTTP {status}): {message}")
+            return KeyRefused(f"the remote server refused the API key (HTTP {status}): {message}")
         if status in _RETRY_STATUSES:
             return RemoteUnavailable(f"the remote server is not ready (HTTP {status}): {message}")
         return ModelError(f"the remote server rejected the request (HTTP {status}): {message}")
@@ -376,8 +414,13 @@ def local_finish_reason(server_reason: str, ended: bool) -> str:
     return "end" if ended else "closed"
 
 
+class StreamFailed(Exception):
+    """The server reported a failure inside the stream (llama.cpp's server sends an `error:` line)."""
+
+
 def sse_events(response: http.client.HTTPResponse) -> Iterator[str]:
-    """The data of each Server-Sent Event; comments (llama.cpp's pings) and other fields are skipped."""
+    """The data of each Server-Sent Event; comments (llama.cpp's pings) and other fields are skipped,
+    an `error` field raises StreamFailed with its text."""
     data: list[str] = []
     while True:
         raw = response.readline()
@@ -392,6 +435,8 @@ def sse_events(response: http.client.HTTPResponse) -> Iterator[str]:
                 data = []
         elif line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
+        elif line.startswith("error:"):
+            raise StreamFailed(line[6:].strip())
 
 
 class RemoteStream:
@@ -414,7 +459,7 @@ class RemoteStream:
         self.stats = StreamStats(prompt_tokens=prompt_tokens)
         self.finish_reason = ""  # the server's word for how the text ended, when it says
         self._ended = False
-        self._opened: _Response | None = None
+        self._connection: http.client.HTTPConnection | None = None
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._steps: Iterator[str] | None = None
@@ -429,14 +474,17 @@ class RemoteStream:
         first: float | None = None
         chunks = 0
         try:
+            # Watching from before the request: a cancel must reach a server that has not answered yet.
+            threading.Thread(target=self._watch, name="codellama-remote-cancel", daemon=True).start()
             opened = self._open_with_retries()
             if opened is None:
                 return
-            threading.Thread(target=self._watch, name="codellama-remote-cancel", daemon=True).start()
             self.engine.streaming = True
+            finished = False  # "[DONE]": the server says the stream is complete
             try:
                 for data in sse_events(opened.response):
                     if data == "[DONE]":
+                        finished = True
                         break
                     text, usage = self._parse(data)
                     if usage:
@@ -449,7 +497,17 @@ class RemoteStream:
                     visible = self.healer.push(text)
                     if visible:
                         yield visible
-                self._ended = True  # the server finished the stream (not the reader leaving early)
+                # Ended, not cut: a server that closes without "[DONE]" or a finish reason failed
+                # (llama-cpp-python does so on a prompt longer than its context).
+                self._ended = finished or bool(self.finish_reason)
+                if not self._ended and not chunks and not self._stopped():
+                    raise ModelError(
+                        "the remote server ended the stream without an answer; its log may say why "
+                        "(a prompt longer than its context?)"
+                    )
+            except StreamFailed as exc:
+                message = self.engine.redact(_error_message(str(exc)))[:300]
+                raise ModelError(f"the remote server failed: {message}") from exc
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 if not self._stopped():
                     reason = self.engine._network_reason(exc) if isinstance(exc, OSError) else str(exc)
@@ -482,9 +540,18 @@ class RemoteStream:
             if self._stopped():
                 return None
             try:
-                opened = engine.open("POST", "/v1/completions", self.body, self._read_timeout())
+                opened = engine.open(
+                    # The deadline is the watcher's to enforce: a socket timeout means a silent server.
+                    "POST",
+                    "/v1/completions",
+                    self.body,
+                    engine.config.read_timeout,
+                    on_connect=self._attach,
+                )
             except RemoteUnavailable as exc:
-                last = attempt == attempts - 1
+                if self._stopped():
+                    return None  # the cancel or the deadline shut the connection: not the server's fault
+                last = attempt == attempts - 1 or isinstance(exc, KeyRefused)
                 wait = min(0.25 * 2**attempt, 2.0)
                 if last or (self.deadline is not None and time.monotonic() + wait > self.deadline):
                     engine._mark(str(exc))
@@ -493,16 +560,16 @@ class RemoteStream:
                 if self.cancel.wait(wait):
                     return None
                 continue
-            with self._lock:
-                self._opened = opened
             return opened
         return None
 
-    def _read_timeout(self) -> float:
-        timeout = self.engine.config.read_timeout
-        if self.deadline is not None:
-            timeout = min(timeout, max(0.1, self.deadline - time.monotonic()))
-        return timeout
+    def _attach(self, connection: http.client.HTTPConnection) -> None:
+        """The connection a request is about to go out on: the one `_interrupt` shuts."""
+        with self._lock:
+            self._connection = connection
+            stopped = self._done.is_set()
+        if stopped:  # the watcher gave up before this connection existed
+            self._shut(connection)
 
     def _parse(self, data: str) -> tuple[str, dict | None]:
         try:
@@ -556,10 +623,15 @@ class RemoteStream:
 
         Only the socket: closing the connection object under a reading thread races http.client.
         """
-        self._done.set()
         with self._lock:
-            opened = self._opened
-        sock = opened.connection.sock if opened is not None else None
+            self._done.set()
+            connection = self._connection
+        if connection is not None:
+            self._shut(connection)
+
+    @staticmethod
+    def _shut(connection: http.client.HTTPConnection) -> None:
+        sock = connection.sock
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -568,6 +640,6 @@ class RemoteStream:
         """On the worker thread: drop the connection; vLLM and llama.cpp abort a generation whose client went away."""
         self._interrupt()
         with self._lock:
-            opened, self._opened = self._opened, None
-        if opened is not None:
-            opened.connection.close()
+            connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()

@@ -54,7 +54,8 @@ from jupyter_codellama.remote import (
     split_url,
     sse_events,
 )
-from kernel_model import ModelError
+from kernel_model import ModelError, SamplingParams
+from kernel_model.tokenizer import Tokenizer
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
@@ -262,7 +263,10 @@ class FaultyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, fault: str) -> None:
-        self.fault = fault  # "hung" (never answers), "stall" (one event, then silence), "busy" (503)
+        # "hung" (never answers), "stall" (one event, then silence), "busy" (503), "late" (headers only
+        # once released), "refused" (401), "silent" (a stream closed with nothing in it), "error-line"
+        # (llama.cpp's `error:` event), "listing" (models as a JSON list), "ollama" (tagged names)
+        self.fault = fault
         self.posts = 0
         self.release = threading.Event()
         super().__init__(("127.0.0.1", 0), FaultyHandler)
@@ -271,6 +275,9 @@ class FaultyServer(http.server.ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # the client hanging up on a handler is what these tests do
 
     def close(self) -> None:
         self.release.set()
@@ -293,20 +300,39 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        if self.server.fault == "hung":
+        fault = self.server.fault
+        if fault == "hung":
             self.server.release.wait(30)
             return
-        self.reply(200, {"object": "list", "data": [{"id": "faulty", "object": "model"}]})
+        if fault == "listing":
+            self.reply(200, [{"id": "faulty"}])  # type: ignore[arg-type]
+            return
+        name = "codellama:latest" if fault == "ollama" else "faulty"
+        self.reply(200, {"object": "list", "data": [{"id": name, "object": "model"}]})
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         self.server.posts += 1
-        if self.server.fault == "busy":
+        fault = self.server.fault
+        if fault == "busy":
             self.reply(503, {"error": {"message": "the queue is full"}})
+            return
+        if fault == "refused":
+            self.reply(401, {"error": {"message": "invalid API key"}})
+            return
+        if fault == "late" and not self.server.release.wait(30):
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
+        if fault == "silent":
+            return
+        if fault == "error-line":
+            self.wfile.write(
+                b'error: {"code": 400, "message": "the request exceeds the available context size"}\n\n'
+            )
+            self.wfile.write(b"data: [DONE]\n\n")
+            return
         self.wfile.write(b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n')
         self.wfile.flush()
         self.server.release.wait(30)
@@ -345,6 +371,63 @@ async def test_hung_stalled_and_busy_remotes_give_clear_errors(jp_fetch, faulty:
         await asyncio.sleep(0.05)
 
 
+def engine_stream(server: FaultyServer, seconds: float = 30.0, **config):
+    """The engine on `server` and one request's stream, with its cancel event."""
+    engine = OpenAIEngine(RemoteConfig(url=server.url, read_timeout=10.0, **config))
+    engine.probe()
+    cancel = threading.Event()
+    params = SamplingParams(8, 0.0, 1.0, None, (), time.monotonic() + seconds)
+    return engine, engine.stream("x = ", "", infill=True, params=params, cancel=cancel), cancel
+
+
+def test_a_cancel_or_the_deadline_reaches_a_server_that_has_not_answered_yet() -> None:
+    server = FaultyServer("late")
+    try:
+        engine, stream, cancel = engine_stream(server)
+        threading.Timer(0.3, cancel.set).start()
+        started = time.monotonic()
+        assert list(stream) == [] and stream.stats.finish_reason == "cancelled"
+        assert time.monotonic() - started < 5  # not when the server would have answered
+        engine, stream, _ = engine_stream(server, seconds=0.5)
+        assert list(stream) == [] and stream.stats.finish_reason == "deadline"
+        assert engine.unavailable is None  # out of time is not the server's failure
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [("silent", "ended the stream without an answer"), ("error-line", "exceeds the available context size"),
+     ("refused", "refused the API key")],
+)  # fmt: skip
+def test_failures_inside_or_before_the_stream_are_errors_not_empty_answers(fault: str, message: str) -> None:
+    server = FaultyServer(fault)
+    try:
+        _, stream, _ = engine_stream(server, retries=2)
+        with pytest.raises(ModelError, match=message):
+            list(stream)
+        assert server.posts == 1  # a refused key is not asked again
+    finally:
+        server.close()
+
+
+def test_model_listings_ollama_names_and_odd_json() -> None:
+    server = FaultyServer("ollama")
+    try:
+        engine = OpenAIEngine(RemoteConfig(url=server.url, model="codellama"))
+        engine.probe()
+        assert engine.unavailable is None and engine.name == "codellama:latest"
+    finally:
+        server.close()
+    server = FaultyServer("listing")
+    try:
+        engine = OpenAIEngine(RemoteConfig(url=server.url))
+        engine.probe()
+        assert "not an object" in (engine.unavailable or "")
+    finally:
+        server.close()
+
+
 # -- the engine's pieces ---------------------------------------------------------------------------------
 
 
@@ -357,7 +440,22 @@ def test_urls_prompts_and_estimates() -> None:
             split_url(bad)
     assert fim_prompt("a = ", "\nb", "psm") == "<PRE> a =  <SUF>\nb <MID>"
     assert fim_prompt("a = ", "\nb", "spm") == "<PRE> <SUF>\nb <MID> a = "
-    assert estimate_tokens("x" * 32) == 13 and estimate_tokens("") == 0
+    assert estimate_tokens("") == 0
+
+
+def test_the_token_estimate_never_falls_short_of_code_llamas_count(llama_tokenizer_file) -> None:
+    """A short estimate overflows the server's window: printed numbers were 2x over a fixed ratio."""
+    tokenizer = Tokenizer(llama_tokenizer_file)
+    texts = {
+        "code": "def scale(frame, by=2):\n    return frame.assign(total=frame['a'] * by)\n" * 20,
+        "numbers": str(list(range(10_000, 12_000, 7))),
+        "table": "\n".join(f"{i:3d}  {i * 0.731:9.6f}  {-i / 3:10.4f}" for i in range(60)),
+        "cjk": "# 计算平均值并打印结果\nx = 1  # 这是一个变量\n" * 20,
+        "emoji": "print('done ✅ 😀')\n" * 20,
+    }
+    for kind, text in texts.items():
+        real = tokenizer.count(text)
+        assert real <= estimate_tokens(text) <= 2.5 * real, kind
 
 
 def test_whitespace_healing() -> None:
@@ -401,6 +499,9 @@ def test_the_key_stays_out_of_reprs_and_messages() -> None:
         OpenAIEngine(RemoteConfig(url="http://x/v1", fim="middle"))
     with pytest.raises(ModelError, match="remote_url"):
         OpenAIEngine(RemoteConfig())
+    with pytest.raises(ModelError, match="characters an HTTP header cannot carry") as refused:
+        OpenAIEngine(RemoteConfig(url="http://x/v1", api_key=API_KEY + " \u00e9"))
+    assert API_KEY not in str(refused.value)
 
 
 def test_extension_settings_reach_the_service_config(monkeypatch) -> None:
@@ -410,7 +511,7 @@ def test_extension_settings_reach_the_service_config(monkeypatch) -> None:
     extension = CodeLlamaExtension(backend="openai", remote_url="http://gpu:8000/v1", remote_retries=5)
     config = extension.remote_config()
     assert config.api_key == API_KEY and config.retries == 5 and config.url == "http://gpu:8000/v1"
-    assert CodeLlamaExtension(remote_api_key="sk-config").remote_config().api_key == "sk-config"
+    assert CodeLlamaExtension(remote_api_key="sk-config\n").remote_config().api_key == "sk-config"
     for name, value in [("backend", "tgi"), ("remote_fim", "middle")]:
         with pytest.raises(ValueError, match=name.removeprefix("remote_")):
             CodeLlamaExtension(**{name: value})
