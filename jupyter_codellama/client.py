@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import threading
 import time
 import urllib.error
@@ -24,6 +25,7 @@ from .postprocess import StreamTrimmer, was_cut_off
 URL_ENV = "JUPYTER_CODELLAMA_URL"
 KEY_ENV = "JUPYTER_CODELLAMA_KEY"
 MODEL_ENV = "JUPYTER_CODELLAMA_MODEL"
+CAFILE_ENV = "JUPYTER_CODELLAMA_CAFILE"  # an https server's certificate, for its kernels to trust
 KEY_HEADER = "X-CodeLlama-Key"
 HTTP_TIMEOUT = 10.0  # seconds; the server answers status at once, even while a generation runs
 LOAD_WAIT = 600.0  # seconds to wait for a server whose model is still loading (13 GB from a slow disk)
@@ -96,6 +98,7 @@ class Outcome:
     completion_tokens: int
     decode_ms: float
     cancelled: bool
+    finish_reason: str = ""  # the server's words (protocol): "length" and "deadline" cut the text off
 
 
 class Backend(Protocol):
@@ -111,6 +114,22 @@ class Backend(Protocol):
     ) -> Outcome: ...
 
 
+def tls_context(cafile: str | None) -> ssl.SSLContext:
+    """Trust for the kernel's own server: its certificate (self-signed or not) or the system's CAs.
+
+    The kernel dials the server's loopback address, which the certificate does not name (it names
+    the host users browse to), so the name is not checked; the certificate still is.
+    """
+    context = ssl.create_default_context()
+    if cafile:
+        try:
+            context.load_verify_locations(cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise CodeLlamaError(f"cannot read the Jupyter server's certificate {cafile}: {exc}") from None
+    context.check_hostname = False
+    return context
+
+
 def backend_from_environment(environ: Mapping[str, str] | None = None) -> Backend:
     environ = os.environ if environ is None else environ
     url = environ.get(URL_ENV)
@@ -118,7 +137,7 @@ def backend_from_environment(environ: Mapping[str, str] | None = None) -> Backen
         key = environ.get(KEY_ENV)
         if not key:
             raise CodeLlamaError(f"{URL_ENV} is set but {KEY_ENV} is not: restart the kernel from the server")
-        return ServerBackend(url, key)
+        return ServerBackend(url, key, environ.get(CAFILE_ENV) or None)
     return kernel_backend(environ.get(MODEL_ENV) or "embedded")
 
 
@@ -127,12 +146,16 @@ class ServerBackend:
 
     kind = "server"
 
-    def __init__(self, url: str, key: str) -> None:
+    def __init__(self, url: str, key: str, cafile: str | None = None) -> None:
         self.url = url if url.endswith("/") else url + "/"
         self.key = key
         self.description = f"the Jupyter server at {self.url}"
+        self._tls = tls_context(cafile) if self.url.startswith("https:") else None
         # The server is this user's own: a proxy from the environment has no business in between.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if self._tls is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=self._tls))
+        self._opener = urllib.request.build_opener(*handlers)
 
     def status(self) -> dict[str, Any]:
         request = urllib.request.Request(self.url + "codellama/status", headers={KEY_HEADER: self.key})
@@ -203,7 +226,12 @@ class ServerBackend:
         ws_url = "ws" + self.url.removeprefix("http") + "codellama/ws"
         try:
             connection = await websocket_connect(
-                HTTPRequest(ws_url, headers={KEY_HEADER: self.key}, connect_timeout=HTTP_TIMEOUT)
+                HTTPRequest(
+                    ws_url,
+                    headers={KEY_HEADER: self.key},
+                    connect_timeout=HTTP_TIMEOUT,
+                    ssl_options=self._tls,
+                )
             )
         except HTTPClientError as exc:
             raise self._refused(exc.code) from None
@@ -238,6 +266,7 @@ class ServerBackend:
                         completion_tokens=int(usage.get("completion_tokens", 0)),
                         decode_ms=float(timings.get("decode_ms", 0.0)),
                         cancelled=bool(message.get("cancelled")),
+                        finish_reason=str(message.get("finish_reason") or ""),
                     )
         finally:
             watcher.cancel()
@@ -327,7 +356,11 @@ class KernelBackend:
             shown.append(tail)
             on_text(tail)
         return Outcome(
-            "".join(shown), result.completion_tokens, result.decode_ms, result.finish_reason == "cancelled"
+            "".join(shown),
+            result.completion_tokens,
+            result.decode_ms,
+            result.finish_reason == "cancelled",
+            result.finish_reason,
         )
 
 

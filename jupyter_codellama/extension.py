@@ -10,14 +10,12 @@ from traitlets import Bool, Float, Int, TraitError, Unicode, default, validate
 
 from kernel_model.codellama import QUANT_CHOICES, quant_setting
 
+from .client import CAFILE_ENV, KEY_ENV, MODEL_ENV, URL_ENV
 from .handlers import handlers
 from .protocol import Limits
 from .remote import FIM_MODES, RemoteConfig
 from .service import ModelService, ServiceConfig
 
-MODEL_ENV = "JUPYTER_CODELLAMA_MODEL"
-URL_ENV = "JUPYTER_CODELLAMA_URL"
-KEY_ENV = "JUPYTER_CODELLAMA_KEY"
 API_KEY_ENV = "JUPYTER_CODELLAMA_API_KEY"
 BACKENDS = ("local", "openai")
 # Half of the window goes to the completion at most (the service), so this leaves a few lines of context.
@@ -225,6 +223,10 @@ class CodeLlamaExtension(ExtensionApp):
         scheme = "https" if app.certfile else "http"
         base = app.base_url if app.base_url.endswith("/") else app.base_url + "/"
         os.environ[URL_ENV] = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{app.port}{base}"
+        if app.certfile:
+            os.environ[CAFILE_ENV] = app.certfile  # the kernels trust what the server presents
+        else:
+            os.environ.pop(CAFILE_ENV, None)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers())

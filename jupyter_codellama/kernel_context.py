@@ -20,7 +20,8 @@ MAX_KEYS = 8
 PREVIEW_CHARS = 40  # of a string's value, or of a dict key
 # IPython's own names that are not in user_ns_hidden in every version.
 SKIP_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit"})
-MAGIC_PREFIXES = ("%", "!")
+# How IPython rewrites a line magic, a shell command or a help request as Python.
+IPYTHON_CALL = "get_ipython()."
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,17 @@ def executed_cells(shell: Any) -> list[str]:
 
 def clean_history(raw_cells: Iterable[str]) -> list[str]:
     """Python cells only: cell magics (this one's own cells included) go, as do line-magic and shell lines."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    # IPython's own reading of a cell: a "%" or "!" that continues a statement (`x = (a\n    % 2)`)
+    # is Python, not a magic, which a test of each line's first character would drop.
+    transformer = TransformerManager()
     cells: list[str] = []
     for raw in raw_cells:
         if raw.lstrip().startswith("%%"):
             continue
-        lines = [line for line in raw.splitlines() if not line.lstrip().startswith(MAGIC_PREFIXES)]
+        python = transformer.transform_cell(raw)
+        lines = [line for line in python.splitlines() if IPYTHON_CALL not in line]
         code = "\n".join(lines).strip("\n")
         if code.strip():
             cells.append(code)
@@ -60,7 +67,9 @@ def describe_namespace(namespace: Mapping[str, Any], hidden: Mapping[str, Any] |
     for name, value in list(namespace.items()):
         if name.startswith("_") or name in SKIP_NAMES or (name in hidden and hidden[name] is value):
             continue
-        entries.append(cap(f"{name}: {describe(value)}", ENTRY_CHARS))
+        # One line each: a prompt shows them as comments, which a line break in a name would end.
+        line = f"{name}: {describe(value)}".replace("\r", "\\r").replace("\n", "\\n")
+        entries.append(cap(line, ENTRY_CHARS))
     return entries[-MAX_ENTRIES:]
 
 
@@ -140,10 +149,37 @@ def describe_collection(items: list | tuple | set | frozenset) -> str:
 
 
 def signature(function: Any) -> str:
+    """The parameters, with defaults only where they are small literals: `str(inspect.signature)`
+    would repr every default, however large (a 30-million-item list took seconds)."""
     try:
-        return cap(str(inspect.signature(function)), 120)
+        parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
         return "(…)"
+    parts: list[str] = []
+    starred = False
+    for parameter in parameters:
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            parts.append(f"*{parameter.name}")
+            starred = True
+            continue
+        if parameter.kind is parameter.VAR_KEYWORD:
+            parts.append(f"**{parameter.name}")
+            continue
+        if parameter.kind is parameter.KEYWORD_ONLY and not starred:
+            parts.append("*")
+            starred = True
+        default = "" if parameter.default is parameter.empty else f"={small_literal(parameter.default)}"
+        parts.append(parameter.name + default)
+    return cap(f"({', '.join(parts)})", 120)
+
+
+def small_literal(value: Any) -> str:
+    """repr of None, a bool, a modest number or a short string; "…" for anything else."""
+    if value is None or isinstance(value, bool | float) or (isinstance(value, int) and abs(value) < 10**12):
+        return repr(value)
+    if isinstance(value, str) and len(value) <= 20:
+        return repr(value)
+    return "…"
 
 
 def format_shape(shape: tuple) -> str:

@@ -19,6 +19,8 @@ more when it ends. Its data holds this JSON object beside `text/plain` (the code
                                   # cell with the middle filled in; else the generated code
       "done": bool,               # false while it streams; true exactly once, in the last update
       "cancelled": bool,          # stopped before the model finished (Stop, interrupt)
+      "finish_reason": str,       # once done, why the text ended, in the server protocol's words:
+                                  # "length" and "deadline" cut the code off; "" while streaming
       "tokens": int,              # generated so far (estimated while streaming, exact when done)
       "tokens_per_second": float, # decoding speed, one decimal
       "model": str,               # the model's name, e.g. "CodeLlama-13b-Instruct-hf"
@@ -40,6 +42,7 @@ import argparse
 import contextvars
 import importlib.util
 import shlex
+import sys
 import threading
 import uuid
 from dataclasses import dataclass, replace
@@ -49,7 +52,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 from .client import Backend, CodeLlamaError, GenerationRequest, backend_from_environment
 from .kernel_context import kernel_context
-from .magic_display import Answer, AnswerView, StopButton
+from .magic_display import CUT_OFF, Answer, AnswerView, StopButton
 from .magic_prompt import FILL, STYLES, MagicPrompt, build_prompt
 
 STOP_GRACE = 10.0  # seconds an interrupted cell waits for the server to confirm the stop
@@ -186,8 +189,11 @@ class MagicJob:
     def stop(self) -> None:
         self.cancel.set()
 
-    def wait(self) -> None:
-        """Until the answer is complete; an interrupt (the frontend's stop) stops it on the server."""
+    def wait(self) -> bool:
+        """Until the answer is complete; an interrupt (the frontend's stop) stops it on the server.
+
+        False when interrupted: the answer is partial, even if the stop is not confirmed yet.
+        """
         # An Event, not Thread.join: an interrupt inside join() marks the still-running thread as
         # finished in CPython 3.11 (the bpo-45274 fix releases the thread's own state lock).
         try:
@@ -196,6 +202,8 @@ class MagicJob:
         except KeyboardInterrupt:
             self.stop()
             self.finished.wait(STOP_GRACE)
+            return False
+        return True
 
     def _run(self) -> None:
         assert self.view is not None
@@ -207,11 +215,13 @@ class MagicJob:
         except Exception as exc:  # whatever the transport raises, the user gets one line
             self.answer.fail(f"{type(exc).__name__}: {exc}")
         finally:
-            self.view.refresh(final=True)
-            if self.button is not None:
-                self.button.finish(self.answer)
-            self.running.discard(self)
-            self.finished.set()
+            try:
+                self.view.refresh(final=True)
+                if self.button is not None:
+                    self.button.finish(self.answer)
+            finally:
+                self.running.discard(self)
+                self.finished.set()  # whatever the display does: `wait` must end
 
     def _on_text(self, delta: str) -> None:
         assert self.view is not None
@@ -275,11 +285,15 @@ class CodeLlamaMagics(Magics):
         job.start(stop_button=background, live=getattr(self.shell, "kernel", None) is not None)
         if background:
             return
-        job.wait()
+        completed = job.wait()
         if answer.error:
             raise CodeLlamaError(answer.error)
-        if args.insert and not answer.cancelled:
-            self.shell.set_next_input(answer.code, replace=False)
+        if not args.insert or not completed or answer.cancelled or not answer.code.strip():
+            return
+        self.shell.set_next_input(answer.code, replace=False)
+        if answer.cut_off:
+            # Still the user's to finish or discard; it never runs by itself.
+            print(f"Inserted as it is: the answer was {CUT_OFF[answer.finish_reason]}.", file=sys.stderr)
 
     def can_run_in_background(self, args: argparse.Namespace) -> bool:
         """Whether to return at once and stream on, so that a Stop button's click can be heard.

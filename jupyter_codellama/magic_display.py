@@ -15,6 +15,8 @@ from .magic_prompt import MagicPrompt
 
 MIME_TYPE = "application/vnd.jupyter-codellama.answer+json"
 REFRESH_INTERVAL = 0.1  # seconds between display updates: a small model writes hundreds of tokens a second
+# Why an answer can end mid-code, as the footer says it.
+CUT_OFF = {"length": "cut off at the token limit", "deadline": "cut off at the server's time limit"}
 
 
 @dataclass
@@ -31,12 +33,18 @@ class Answer:
     tokens_per_second: float = 0.0
     done: bool = False
     cancelled: bool = False
+    finish_reason: str = ""
     error: str | None = None
     _first_at: float | None = field(default=None, repr=False)
 
     @property
     def code(self) -> str:
         return self.prompt.code(self.text)
+
+    @property
+    def cut_off(self) -> bool:
+        """The answer stopped where the model had not ended it: the code may be half written."""
+        return self.finish_reason in CUT_OFF
 
     def add(self, delta: str) -> None:
         now = time.monotonic()
@@ -54,6 +62,7 @@ class Answer:
         if outcome.decode_ms > 0:
             self.tokens_per_second = self.tokens / (outcome.decode_ms / 1000)
         self.cancelled = outcome.cancelled
+        self.finish_reason = outcome.finish_reason
         self.done = True
 
     def fail(self, message: str) -> None:
@@ -65,6 +74,8 @@ class Answer:
             return f"error: {self.error}"
         if self.cancelled:
             return "stopped"
+        if self.cut_off:
+            return CUT_OFF[self.finish_reason]
         return "done" if self.done else f"writing… ({self.stop_hint})"
 
     def footer(self) -> str:
@@ -77,6 +88,7 @@ class Answer:
                 "code": code,
                 "done": self.done,
                 "cancelled": self.cancelled,
+                "finish_reason": self.finish_reason,
                 "tokens": self.tokens,
                 "tokens_per_second": round(self.tokens_per_second, 1),
                 "model": self.model,

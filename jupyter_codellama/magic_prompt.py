@@ -8,7 +8,8 @@ Three shapes:
 - an instruction to a base model becomes code: the context cells in the percent format
   (`# %%`), then the instruction as a comment opening a new cell, which ends at the next `# %%`.
 Tokens cannot be counted here (the tokenizer lives with the server's model), so the budget is
-in characters, 3 a token: Python averages nearer 4, which leaves room for the rest.
+in estimated tokens (`estimate_tokens`, which errs on the long side: a notebook of printed numbers
+or CJK comments costs a token a character or more).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .client import CodeLlamaError, ModelInfo
+from .estimate import estimate_tokens
 from .kernel_context import KernelContext
 from .postprocess import normalize_line_breaks
 
 FILL = "<FILL>"
-CHARS_PER_TOKEN = 3
 MARGIN_TOKENS = 32  # the server keeps 16 tokens free for FIM pieces; more for the estimate's error
 VARIABLES_SHARE = 0.25  # of the budget, at most, for the namespace summary; the code matters more
 CELL_MARKER = "# %%"
@@ -53,7 +54,7 @@ def build_prompt(
     body: str, context: KernelContext | None, model: ModelInfo, max_new_tokens: int, style: str = "auto"
 ) -> MagicPrompt:
     context = context or KernelContext((), ())
-    budget = (model.max_context - max_new_tokens - MARGIN_TOKENS) * CHARS_PER_TOKEN
+    budget = model.max_context - max_new_tokens - MARGIN_TOKENS
     if budget <= 0:
         raise CodeLlamaError(
             f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {model.name}'s "
@@ -80,12 +81,12 @@ Render = Callable[[tuple[str, ...], tuple[str, ...]], MagicPrompt]
 
 
 def fit(render: Render, context: KernelContext, budget: int) -> MagicPrompt:
-    """The prompt with the newest cells and variables that fit `budget` characters; the oldest go first."""
+    """The prompt with the newest cells and variables that fit `budget` tokens; the oldest go first."""
     bare = render((), ())
     if size(bare) > budget:
         raise CodeLlamaError(
-            f"the cell is too long for the model: about {size(bare) // CHARS_PER_TOKEN} tokens, where "
-            f"{budget // CHARS_PER_TOKEN} fit beside the answer; shorten it or lower --max-new-tokens"
+            f"the cell is too long for the model: about {size(bare)} tokens, where "
+            f"{budget} fit beside the answer; shorten it or lower --max-new-tokens"
         )
     variables = context.variables
     limit = min(budget, size(bare) + int(budget * VARIABLES_SHARE))
@@ -105,7 +106,7 @@ def fit(render: Render, context: KernelContext, budget: int) -> MagicPrompt:
 
 
 def size(prompt: MagicPrompt) -> int:
-    return len(prompt.prefix) + len(prompt.suffix)
+    return estimate_tokens(prompt.prefix) + estimate_tokens(prompt.suffix)
 
 
 def code_context(cells: tuple[str, ...], variables: tuple[str, ...]) -> str:

@@ -16,7 +16,6 @@ import contextlib
 import http.client
 import json
 import logging
-import math
 import re
 import socket
 import threading
@@ -29,17 +28,10 @@ from typing import Any
 from kernel_model import ModelError, SamplingParams, Tokenizer
 
 from .engines import StreamStats
+from .estimate import estimate_tokens
 
 # Code Llama's window; used when neither the settings nor the server's model list say otherwise.
 DEFAULT_REMOTE_CONTEXT = 16_384
-# Token counts without a tokenizer: Code Llama's pieces cover about four letters of a word, and one
-# digit, punctuation mark or line break each; other scripts fall back to bytes at worst. A fixed
-# characters-per-token figure cannot serve both code (3.2) and printed numbers (1.4) without
-# overflowing the server's window on the second.
-_WORDS = re.compile(r"[A-Za-z_]+")
-_SINGLES = re.compile(r"[0-9!-/:-@\[-^`{-~\n]| (?=[0-9])")  # a space before a digit is a piece too
-_SPACE_RUNS = re.compile(r"[ \t]{2,}")
-ESTIMATE_MARGIN = 1.1  # measured: 1.1 to 2x the real count on code, numbers, tables, CJK and emoji
 FIM_MODES = ("auto", "spm", "psm", "off")
 # Code Llama variants without FIM pieces: Python, 34B and 70B (and their Instruct versions).
 _NO_FIM_NAMES = re.compile(r"python|34b|70b", re.IGNORECASE)
@@ -82,16 +74,6 @@ def split_url(url: str) -> tuple[str, str, int, str]:
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     prefix = parsed.path.rstrip("/").removesuffix("/v1")
     return parsed.scheme, parsed.hostname, port, prefix
-
-
-def estimate_tokens(text: str) -> int:
-    """An upper estimate of the Code Llama tokenizer's count for `text`."""
-    ascii_chars = len(text) if text.isascii() else sum(1 for c in text if c < "\x80")
-    words = sum((len(word) + 3) // 4 for word in _WORDS.findall(text))
-    singles = len(_SINGLES.findall(text))
-    spaces = sum((len(run) + 7) // 8 for run in _SPACE_RUNS.findall(text))
-    wide = len(text.encode("utf-8", "surrogatepass")) - ascii_chars
-    return math.ceil(ESTIMATE_MARGIN * (words + singles + spaces + wide))
 
 
 def fim_prompt(prefix: str, suffix: str, order: str) -> str:

@@ -20,12 +20,21 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from jupyter_codellama.client import CodeLlamaError, GenerationRequest, KernelBackend, ModelInfo, Outcome
+from jupyter_codellama.client import (
+    CodeLlamaError,
+    GenerationRequest,
+    KernelBackend,
+    ModelInfo,
+    Outcome,
+    backend_from_environment,
+)
+from jupyter_codellama.estimate import estimate_tokens
 from jupyter_codellama.kernel_context import KernelContext, clean_history, describe, describe_namespace
 from jupyter_codellama.magic import CodeLlamaMagics
 from jupyter_codellama.magic_display import MIME_TYPE, Answer
-from jupyter_codellama.magic_prompt import CHARS_PER_TOKEN, MARGIN_TOKENS, build_prompt
+from jupyter_codellama.magic_prompt import MARGIN_TOKENS, build_prompt
 from jupyter_codellama.postprocess import trim_completion
+from kernel_model.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 LOAD = "%load_ext jupyter_codellama"
@@ -74,6 +83,7 @@ def test_namespace_summary_reads_attributes_not_reprs():
         "rows": [1, 2, "three"],
         "json": json_module,
         "scale": lambda x, factor=2: x * factor,
+        "load": lambda path, rows=list(range(10**6)), *, sep=",": None,
         "broken": Exploding(),
         "_private": 1,
         "In": [],
@@ -83,10 +93,13 @@ def test_namespace_summary_reads_attributes_not_reprs():
     assert "sales: PandasLikeFrame shape (120, 2); columns: price (float64), quantity (int64)" in summary
     assert "matrix: Huge shape (1000000000, 4), dtype float64" in summary
     assert "json: module json" in summary and "scale: function(x, factor=2)" in summary
+    assert "load: function(path, rows=…, *, sep=',')" in summary  # a default's repr is never taken whole
     assert "config: dict of 2 items; keys: 'alpha', 'beta'" in summary
     assert "rows: list of 3 items of int | str" in summary and "broken: test_magic.Exploding" in summary
     assert "int of 16610 bits" in summary and "_private" not in summary and "In:" not in summary
     assert all(len(line) <= 200 for line in lines)
+    odd = describe_namespace({"odd": SimpleNamespace(shape=(1, 1), columns=("a\nimport os",), dtypes={})})
+    assert odd == ["odd: SimpleNamespace shape (1, 1); columns: a\\nimport os"]  # one comment line
 
 
 class PandasLikeFrame:
@@ -112,10 +125,11 @@ def test_history_keeps_python_cells_once_each_in_run_order():
         "import os",
         "%%bash\nls",
         "%%codellama\nplot it",
-        "x = 1\n!pip install foo\n%time y = 2",
+        "x = 1\n!pip install foo\n%time y = 2\nfiles = !ls\nx?",
         "import os",
+        "ratio = (total\n    % 7)\nsame = (a\n    != b)",
     ]
-    assert clean_history(raw) == ["x = 1", "import os"]
+    assert clean_history(raw) == ["x = 1", "import os", "ratio = (total\n    % 7)\nsame = (a\n    != b)"]
 
 
 # -- prompts ----------------------------------------------------------------------------------------
@@ -160,12 +174,20 @@ def test_context_is_trimmed_oldest_cells_first_to_the_window():
     cells = tuple(f"step_{i} = {i}  # " + "." * 80 for i in range(200))
     small = ModelInfo("CodeLlama-7b-hf", supports_infilling=True, max_context=1024)
     prompt = build_prompt("sum the steps", KernelContext(cells, ("x: int = 1",)), small, 128)
-    budget = (1024 - 128 - MARGIN_TOKENS) * CHARS_PER_TOKEN
-    assert len(prompt.prefix) <= budget
+    assert estimate_tokens(prompt.prefix) <= 1024 - 128 - MARGIN_TOKENS
     assert "step_199 = 199" in prompt.prefix and "step_0 = 0" not in prompt.prefix
     assert prompt.cells_dropped > 0 and prompt.cells_used + prompt.cells_dropped == 200
     kept = [i for i in range(200) if f"step_{i} = {i} " in prompt.prefix]
     assert kept == list(range(200 - len(kept), 200))  # a contiguous run of the newest
+
+
+def test_a_history_of_printed_numbers_still_fits_the_real_token_count(llama_tokenizer_file):
+    """Digits cost a token each: a characters-per-token budget let these prompts overflow."""
+    cells = tuple(f"weights{i} = {[round(0.1 + j / 997, 6) for j in range(80)]}" for i in range(12))
+    small = ModelInfo("CodeLlama-7b-hf", supports_infilling=True, max_context=1024)
+    prompt = build_prompt("normalise the weights", KernelContext(cells, ()), small, 64)
+    assert 0 < prompt.cells_used < 12
+    assert Tokenizer(llama_tokenizer_file).count(prompt.prefix) <= 1024 - 64
 
 
 def test_a_cell_larger_than_the_window_is_one_clear_error():
@@ -264,6 +286,25 @@ def test_insert_is_skipped_when_the_answer_was_stopped(shell):
 
     _, outputs = run_magic(shell, Stopped(""), "--insert", "anything")
     assert outputs[-1][MIME_TYPE]["cancelled"] and shell.rl_next_input is None
+
+
+@pytest.mark.parametrize(
+    ("finish_reason", "code", "inserted"),
+    [("length", "def long():\n    x = [", True), ("deadline", "def long():\n", True), ("end", "  \n", False),
+     ("end", "x = 1", True)],
+)  # fmt: skip
+def test_insert_takes_an_answer_with_code_and_says_when_it_was_cut_off(shell, finish_reason, code, inserted):
+    class Ending(ScriptedBackend):
+        def generate(self, request, on_text, cancel):
+            on_text(code)
+            return Outcome(code, 3, 1.0, cancelled=False, finish_reason=finish_reason)
+
+    _, outputs = run_magic(shell, Ending(""), "--insert --no-context", "anything")
+    final = outputs[-1][MIME_TYPE]
+    assert final["done"] and final["finish_reason"] == finish_reason
+    assert (shell.rl_next_input is not None) == inserted
+    if finish_reason == "length":
+        assert "cut off at the token limit" in outputs[-1]["text/markdown"]
 
 
 def test_an_empty_request_is_refused_before_any_request(shell):
@@ -384,6 +425,71 @@ def test_bad_option_and_unreachable_server_are_one_line_each(tmp_path):
     assert "unrecognized arguments: --frobnicate" in tracebacks[1][0][0]
     assert f"cannot reach the Jupyter server at http://127.0.0.1:{port}/" in tracebacks[2][0][0]
     assert stream_text(notebook.cells[4]).strip() == "False"  # no fallback to loading the model
+
+
+def self_signed_certificate(folder: Path, host: str) -> tuple[Path, Path]:
+    """A certificate for `host` (not the loopback address a kernel dials) and its key."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def test_the_kernel_trusts_its_https_servers_certificate(tmp_path):
+    import http.server
+    import ssl
+
+    cert, key = self_signed_certificate(tmp_path, "jupyter.example.com")
+
+    class Status(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"state": "ready", "model": {"name": "tls-test"}}).encode()
+            self.send_response(200 if self.headers.get("X-CodeLlama-Key") == "k" else 403)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Status)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/"
+    try:
+        backend = backend_from_environment({"JUPYTER_CODELLAMA_URL": url, "JUPYTER_CODELLAMA_KEY": "k",
+                                            "JUPYTER_CODELLAMA_CAFILE": str(cert)})  # fmt: skip
+        assert backend.status()["model"]["name"] == "tls-test"
+        untrusted = backend_from_environment({"JUPYTER_CODELLAMA_URL": url, "JUPYTER_CODELLAMA_KEY": "k"})
+        with pytest.raises(CodeLlamaError, match="CERTIFICATE_VERIFY_FAILED"):
+            untrusted.status()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # -- a real Jupyter server with the extension, and kernels it starts --------------------------------

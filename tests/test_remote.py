@@ -41,13 +41,13 @@ from test_server import (  # noqa: F401 — collected here, run against the remo
 )
 from tornado.httpclient import HTTPClientError
 
+from jupyter_codellama.estimate import estimate_tokens
 from jupyter_codellama.postprocess import was_cut_off
 from jupyter_codellama.remote import (
     Healer,
     OpenAIEngine,
     RemoteConfig,
     _error_message,
-    estimate_tokens,
     fim_prompt,
     heal_whitespace,
     local_finish_reason,

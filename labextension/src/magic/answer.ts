@@ -8,6 +8,8 @@ export interface IAnswer {
   code: string;
   done: boolean;
   cancelled: boolean;
+  /** Why the text ended, in the server protocol's words; empty while streaming or when not said. */
+  finishReason: string;
   tokens: number;
   tokensPerSecond: number;
   model: string;
@@ -40,6 +42,7 @@ export function parseAnswer(data: unknown): IAnswer | null {
     // An error ends the answer even if a faulty sender forgot to say so.
     done: data.done === true || error !== null,
     cancelled: data.cancelled === true,
+    finishReason: typeof data.finish_reason === 'string' ? data.finish_reason : '',
     tokens: Math.round(count(data.tokens)),
     tokensPerSecond: count(data.tokens_per_second),
     model: typeof data.model === 'string' ? data.model : '',
@@ -78,6 +81,12 @@ export function oneLine(message: string): string {
   return line.length > MAX_ERROR_CHARS ? `${line.slice(0, MAX_ERROR_CHARS - 1)}…` : line;
 }
 
+/** Finish reasons that end an answer where the model had not: the code may stop mid-statement. */
+const CUT_OFF_WORDS: Record<string, string> = {
+  length: 'cut off at the token limit',
+  deadline: "cut off at the server's time limit"
+};
+
 const STATE_WORDS: Record<AnswerState, string> = {
   streaming: 'writing…',
   stopping: 'stopping…',
@@ -103,7 +112,7 @@ export function describeAnswer(answer: IAnswer, stopRequested = false): IAnswerV
     answer.model,
     `${answer.tokens} token${answer.tokens === 1 ? '' : 's'}`,
     `${answer.tokensPerSecond.toFixed(1)} tokens/s`,
-    STATE_WORDS[state]
+    (state === 'done' && CUT_OFF_WORDS[answer.finishReason]) || STATE_WORDS[state]
   ].filter(part => part.length > 0);
 
   let editBlocked = '';

@@ -29,6 +29,7 @@ describe('parseAnswer', () => {
       code: 'import pandas as pd\n',
       done: false,
       cancelled: false,
+      finishReason: '',
       tokens: 7,
       tokensPerSecond: 31.25,
       model: 'CodeLlama-7b-Instruct-hf',
@@ -44,6 +45,7 @@ describe('parseAnswer', () => {
       code: 'x = 1',
       done: false,
       cancelled: false,
+      finishReason: '',
       tokens: 0,
       tokensPerSecond: 0,
       model: '',
@@ -130,6 +132,18 @@ describe('describeAnswer', () => {
       canEdit: false,
       editBlocked: 'The answer is empty'
     });
+  });
+
+  it('says when the answer was cut off, and still lets the user take the partial code', () => {
+    expect(describeAnswer(answer({ done: true, finish_reason: 'length' }))).toMatchObject({
+      state: 'done',
+      status: 'CodeLlama-7b-Instruct-hf · 7 tokens · 31.3 tokens/s · cut off at the token limit',
+      canEdit: true
+    });
+    expect(describeAnswer(answer({ done: true, finish_reason: 'deadline' })).status).toContain(
+      "cut off at the server's time limit"
+    );
+    expect(describeAnswer(answer({ done: true, finish_reason: 'end' })).status).toMatch(/· done$/);
   });
 
   it('shows an error as one line and blocks the edits', () => {
