@@ -480,7 +480,10 @@ def test_magic_answer_renders_and_inserts_or_replaces_in_one_undo(
     assert outputs.locator(".jp-RenderedMarkdown, .jp-RenderedHTMLCommon").count() == 0
     assert answer.locator(".jp-codellama-Answer-code").inner_text().rstrip("\n") == code.rstrip("\n")
     status = answer.locator(".jp-codellama-Answer-status").inner_text()
-    assert status.startswith(f"{model} · {data['tokens']} token") and status.endswith("done"), status
+    assert status.startswith(f"{model} · {data['tokens']} token"), status
+    assert status.endswith("cut off at the token limit" if data["finish_reason"] == "length" else "done"), (
+        status
+    )
     buttons = {
         name: answer.get_by_role("button", name=name)
         for name in ("Insert below", "Replace this cell", "Copy")

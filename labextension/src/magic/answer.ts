@@ -61,8 +61,13 @@ export interface IAnswerView {
   status: string;
   /** The failure in one line, or null. */
   error: string | null;
-  /** Whether Insert below, Replace this cell and Copy act now. */
+  /** Whether Insert below and Replace this cell act now. */
   canEdit: boolean;
+  /**
+   * Whether Copy does: whenever there is code, even mid-answer, since copying changes nothing; an
+   * answer whose kernel died while writing stays unfinished, and its code must not be locked away.
+   */
+  canCopy: boolean;
   /** Why they do not, for their tooltip; empty when they do. */
   editBlocked: string;
   showStop: boolean;
@@ -129,6 +134,7 @@ export function describeAnswer(answer: IAnswer, stopRequested = false): IAnswerV
     status: parts.join(' · '),
     error: answer.error === null ? null : oneLine(answer.error),
     canEdit: editBlocked === '',
+    canCopy: state !== 'error' && answer.code.trim() !== '',
     editBlocked,
     showStop: stoppable,
     canStop: stoppable && !stopRequested

@@ -61,7 +61,12 @@ export class AnswerRenderer extends Widget implements IRenderMime.IRenderer {
     this._replace.addEventListener('click', () =>
       this._act(a => actions.replaceCell(this.node, a))
     );
-    this._copy.addEventListener('click', () => this._act(a => this._copyCode(a)));
+    this._copy.addEventListener('click', () => {
+      const answer = this._answer;
+      if (answer && describeAnswer(answer, this._stopRequested).canCopy) {
+        void this._copyCode(answer);
+      }
+    });
     this._stop.addEventListener('click', () => {
       if (this._answer && !this._answer.done) {
         this._stopRequested = true;
@@ -104,10 +109,11 @@ export class AnswerRenderer extends Widget implements IRenderMime.IRenderer {
     this._status.textContent = view.status;
     this._error.textContent = view.error ?? '';
     this._error.hidden = view.error === null;
-    for (const element of [this._insert, this._replace, this._copy]) {
+    for (const element of [this._insert, this._replace]) {
       element.disabled = !view.canEdit;
       element.title = view.canEdit ? (element.dataset.title ?? '') : view.editBlocked;
     }
+    this._copy.disabled = !view.canCopy;
     this._stop.hidden = !view.showStop;
     this._stop.disabled = !view.canStop;
   }

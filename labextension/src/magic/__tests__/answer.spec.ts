@@ -81,12 +81,13 @@ describe('parseAnswer', () => {
 });
 
 describe('describeAnswer', () => {
-  it('streams with Stop and no edits yet', () => {
+  it('streams with Stop, no edits yet, and Copy of what is written so far', () => {
     expect(describeAnswer(answer())).toEqual({
       state: 'streaming',
       status: 'CodeLlama-7b-Instruct-hf · 7 tokens · 31.3 tokens/s · writing…',
       error: null,
       canEdit: false,
+      canCopy: true,
       editBlocked: 'Available when the answer is complete',
       showStop: true,
       canStop: true
@@ -158,6 +159,7 @@ describe('describeAnswer', () => {
       state: 'error',
       error: 'the server could not answer: boom',
       canEdit: false,
+      canCopy: false,
       editBlocked: 'The request failed',
       showStop: false
     });
