@@ -45,10 +45,15 @@ function typeIntoEditor(editor: CodeEditor.IEditor, text: string): void {
   editor.setCursorPosition(editor.getPositionAt(offset + text.length)!);
 }
 
+/**
+ * `askAgain(widgetId)` asks for a suggestion as typing would; called after Tab accepted a suggestion
+ * that was still streaming, whose rest the accept threw away with JupyterLab's candidates.
+ */
 export function addPartialAcceptCommands(
   app: JupyterFrontEnd,
   manager: ICompletionProviderManager,
-  provider: CodeLlamaInlineProvider
+  provider: CodeLlamaInlineProvider,
+  askAgain: (widgetId: string) => void
 ): void {
   const currentId = () => app.shell.currentWidget?.id ?? '';
   const acceptPart = (split: (text: string) => string) => {
@@ -69,9 +74,18 @@ export function addPartialAcceptCommands(
   });
   runBeforeEditor(app, [CommandIds.acceptNextWord, CommandIds.acceptNextLine]);
   app.commands.commandExecuted.connect((_, executed) => {
-    if (executed.id === ACCEPT_ALL) {
-      provider.shownIn(currentId())?.suggestion.cancel();
+    if (executed.id !== ACCEPT_ALL) {
+      return;
     }
+    const widgetId = currentId();
+    const suggestion = provider.shownIn(widgetId)?.suggestion;
+    if (!suggestion || suggestion.finished) {
+      return;
+    }
+    suggestion.cancel();
+    // The accept took what was shown: the rest, if the model has more, comes from a fresh request
+    // at the new cursor. After JupyterLab's own handling of the accept's edit.
+    setTimeout(() => askAgain(widgetId), 0);
   });
 }
 

@@ -40,7 +40,6 @@ export const completionsPlugin: JupyterFrontEndPlugin<void> = {
     });
     // Registered during activation: JupyterLab builds the inline-completer settings from providers known once the app is restored.
     manager.registerInlineProvider(provider);
-    addPartialAcceptCommands(app, manager, provider);
 
     // JupyterLab asks inline providers only at the end of a line with text; on the blank line that
     // Enter opens we ask ourselves, as an invoke the provider answers like typing. An invoke asks
@@ -49,6 +48,14 @@ export const completionsPlugin: JupyterFrontEndPlugin<void> = {
     const onlyOursEnabled = () =>
       inlineProviders[PROVIDER_ID]?.enabled !== false &&
       !Object.entries(inlineProviders).some(([id, p]) => id !== PROVIDER_ID && p?.enabled === true);
+    /** An invoke answered as typing, in the widget shown now. Not if another provider would answer too. */
+    const askAsTyping = (widgetId: string) => {
+      const inline = manager.inline;
+      if (inline && onlyOursEnabled() && app.shell.currentWidget?.id === widgetId) {
+        provider.invokeAsTyping(widgetId, () => inline.invoke(widgetId));
+      }
+    };
+    addPartialAcceptCommands(app, manager, provider, askAsTyping);
     const askOnBlankLine = (view: EditorView) => {
       const widget = app.shell.currentWidget;
       const inline = manager.inline;
@@ -62,7 +69,7 @@ export const completionsPlugin: JupyterFrontEndPlugin<void> = {
       // otherwise make this one look out of date. Not if the user typed on meanwhile.
       setTimeout(() => {
         if (view.hasFocus && view.state.doc.toString() === text) {
-          provider.invokeAsTyping(widget.id, () => inline.invoke(widget.id));
+          askAsTyping(widget.id);
         }
       }, 0);
     };

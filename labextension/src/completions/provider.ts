@@ -114,7 +114,9 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     state.suggestion = suggestion;
     this._latest = suggestion;
     this._remember(context.widget, { suggestion, editor: target.editor });
-    await suggestion.ready();
+    // Only the first candidate streams; the others arrive whole at the end. Listed before then,
+    // they would cycle through as blanks that Tab accepts as nothing.
+    await (suggestion.candidates > 1 ? suggestion.settled() : suggestion.ready());
     if (
       context.triggerKind === InlineCompletionTriggerKind.Invoke &&
       !isStillEdited(target, context.widget)

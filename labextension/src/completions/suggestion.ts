@@ -67,6 +67,13 @@ export class LiveSuggestion {
     }
   }
 
+  /** Resolves once generation has ended: every candidate is whole. */
+  async settled(): Promise<void> {
+    while (!this._finished) {
+      await this._nextChange();
+    }
+  }
+
   view(index: number): Reconciliation {
     return reconcile(this._snapshot, this._readText(), this._texts[index] ?? '');
   }
@@ -82,6 +89,9 @@ export class LiveSuggestion {
    * show, or more is being generated that may match what they typed ahead.
    */
   isFollowed(): boolean {
+    if (this._cancelRequested) {
+      return false; // nothing more will come to show
+    }
     const view = this.view(0);
     if (view.kind === 'consistent') {
       return view.remaining !== '' || !this._finished;

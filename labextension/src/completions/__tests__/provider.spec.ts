@@ -257,6 +257,10 @@ describe('CodeLlamaInlineProvider', () => {
     await tick();
     expect(requests[0].request).toMatchObject({ n: 3, temperature: 0.6 });
     requests[0].chunk('a');
+    let listedYet = false;
+    void listed.then(() => (listedYet = true));
+    await tick();
+    expect(listedYet).toBe(false); // the other candidates come only with the end: no blanks to cycle
     requests[0].done('a', ['a', 'b', 'a']);
     expect((await listed).items.map(i => i.insertText)).toEqual(['a', 'b']);
   });
@@ -279,7 +283,7 @@ describe('CodeLlamaInlineProvider', () => {
   });
 
   it('keeps an invoked suggestion the user types along, even in front of a word', async () => {
-    const { requests, editorModel, fetch } = setup();
+    const { requests, editorModel, fetch } = setup({ candidatesOnInvoke: 1 });
     editorModel.text = 'x = values';
     const listed = fetch(INVOKE, 'x = '.length);
     await tick();
@@ -310,7 +314,7 @@ describe('CodeLlamaInlineProvider', () => {
   });
 
   it('drops an invoked suggestion once the user has left its editor', async () => {
-    const { requests, editor, fetch } = setup();
+    const { requests, editor, fetch } = setup({ candidatesOnInvoke: 1 });
     const listed = fetch(INVOKE);
     await tick();
     editor.focused = false; // moved to another cell before the first token

@@ -118,6 +118,28 @@ describe('LiveSuggestion', () => {
     expect(suggestion.cancelled).toBe(true);
   });
 
+  it('is no longer followed once cancelled, even with nothing left to show', () => {
+    const { server, suggestion, type } = setup();
+    server.chunk('o(');
+    type('o('); // all that was shown, accepted with Tab while the model still writes
+    expect(suggestion.isFollowed()).toBe(true);
+    suggestion.cancel();
+    expect(suggestion.isFollowed()).toBe(false); // a fresh request may take over at the cursor
+  });
+
+  it('settles only when every candidate is whole', async () => {
+    const { server, suggestion } = setup(3);
+    let settled = false;
+    void suggestion.settled().then(() => (settled = true));
+    server.chunk('o(');
+    await tick();
+    expect(settled).toBe(false);
+    server.done('o(1)', ['o(1)', 'o(2)', 'o(3)']);
+    await tick();
+    expect(settled).toBe(true);
+    expect(suggestion.remaining(2)).toBe('o(3)');
+  });
+
   it('waits while the user is ahead of generation, then continues when it catches up', async () => {
     const { server, suggestion, type } = setup();
     server.chunk('o');
