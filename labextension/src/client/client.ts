@@ -19,7 +19,14 @@ const API_PATH = 'codellama';
 
 /** Status polling: fast while the model loads so "ready" shows promptly, slow once settled. */
 const STATUS_POLL_LOADING_MS = 2000;
+/** After an error: soon enough that "ready" returns within seconds of the server (or model) recovering. */
+const STATUS_POLL_ERROR_MS = 5000;
 const STATUS_POLL_SETTLED_MS = 30000;
+const STATUS_POLL_MS: Record<IServerStatus['state'], number> = {
+  loading: STATUS_POLL_LOADING_MS,
+  error: STATUS_POLL_ERROR_MS,
+  ready: STATUS_POLL_SETTLED_MS
+};
 
 /**
  * Wait before the next connection attempt after `failures` failed ones in a row.
@@ -252,9 +259,7 @@ export class CodeLlamaClient implements ICodeLlamaClient {
       }
       const status = await this.refreshStatus();
       if (!this._disposed) {
-        this._scheduleStatusPoll(
-          status.state === 'loading' ? STATUS_POLL_LOADING_MS : STATUS_POLL_SETTLED_MS
-        );
+        this._scheduleStatusPoll(STATUS_POLL_MS[status.state] ?? STATUS_POLL_SETTLED_MS);
       }
     }, delay);
   }

@@ -2,7 +2,7 @@
 
 import type { IServerStatus } from '../client/protocol';
 
-export type DisplayState = 'connecting' | 'loading' | 'ready' | 'busy' | 'error';
+export type DisplayState = 'connecting' | 'loading' | 'ready' | 'busy' | 'off' | 'error';
 
 export interface IStatusDisplay {
   state: DisplayState;
@@ -11,9 +11,14 @@ export interface IStatusDisplay {
   title: string;
 }
 
+/**
+ * `completionsOn`: whether typing can bring suggestions (the extension's setting and JupyterLab's
+ * inline-completer provider switch); when not, the item says so rather than "ready".
+ */
 export function describeStatus(
   status: IServerStatus | null,
-  activeRequests: number
+  activeRequests: number,
+  completionsOn = true
 ): IStatusDisplay {
   if (!status) {
     return {
@@ -50,9 +55,13 @@ export function describeStatus(
         .join(', ')
     : '';
   const busy = activeRequests > 0;
+  const state: DisplayState = busy ? 'busy' : completionsOn ? 'ready' : 'off';
+  const off = completionsOn
+    ? ''
+    : ' Completions are switched off (Settings → Code Llama completions, or the inline completer settings).';
   return {
-    state: busy ? 'busy' : 'ready',
-    label: `${name}: ${busy ? 'busy' : 'ready'}`,
-    title: `${name}${details ? ` (${details})` : ''}. Click to open the Code Llama settings.`
+    state,
+    label: `${name}: ${state === 'off' ? 'completions off' : state}`,
+    title: `${name}${details ? ` (${details})` : ''}.${off} Click to open the Code Llama settings.`
   };
 }

@@ -34,6 +34,13 @@ describe('describeStatus', () => {
     });
   });
 
+  it('says when typing brings no suggestions, rather than ready', () => {
+    const off = describeStatus({ state: 'ready', model, error: null }, 0, false);
+    expect(off).toMatchObject({ state: 'off', label: 'CodeLlama-7b: completions off' });
+    expect(off.title).toContain('switched off');
+    expect(describeStatus({ state: 'ready', model, error: null }, 1, false).state).toBe('busy');
+  });
+
   it('says when the weights are held as int8', () => {
     const int8 = describeStatus(
       { state: 'ready', model: { ...model, quant: 'int8' }, error: null },
