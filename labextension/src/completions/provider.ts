@@ -44,6 +44,30 @@ interface IListedSuggestion {
   items: Map<number, IInlineCompletionItem>;
 }
 
+/** Where JupyterLab draws its inline completer's toolbar (cycle, accept): focus there is not leaving. */
+const INLINE_COMPLETER_CLASS = 'jp-InlineCompleter';
+
+/**
+ * Stop generating once the editor loses the focus (another cell, Shift+Enter, a click elsewhere):
+ * JupyterLab drops the ghost text then, and the server, which runs one generation at a time,
+ * would otherwise finish a suggestion nobody can see before the next one starts.
+ */
+function stopWhenLeft(suggestion: LiveSuggestion, editor: CodeEditor.IEditor): void {
+  const host = editor.host as HTMLElement | undefined;
+  if (!host?.addEventListener) {
+    return;
+  }
+  const onFocusOut = (event: FocusEvent) => {
+    const next = event.relatedTarget as Element | null;
+    if (next && (host.contains(next) || next.closest?.(`.${INLINE_COMPLETER_CLASS}`))) {
+      return; // still in the editor, or on the completer's own toolbar
+    }
+    suggestion.cancel();
+  };
+  host.addEventListener('focusout', onFocusOut);
+  void suggestion.settled().then(() => host.removeEventListener('focusout', onFocusOut));
+}
+
 export interface IShownSuggestion {
   suggestion: LiveSuggestion;
   editor: CodeEditor.IEditor;
@@ -113,6 +137,7 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     const suggestion = this._request(request, target, settings, invoked);
     state.suggestion = suggestion;
     this._latest = suggestion;
+    stopWhenLeft(suggestion, target.editor);
     this._remember(context.widget, { suggestion, editor: target.editor });
     // Only the first candidate streams; the others arrive whole at the end. Listed before then,
     // they would cycle through as blanks that Tab accepts as nothing.

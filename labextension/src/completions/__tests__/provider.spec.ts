@@ -214,6 +214,23 @@ describe('CodeLlamaInlineProvider', () => {
     expect(requests[0].cancelled).toBe(true);
   });
 
+  it('stops generating once the editor loses the focus, but not for the completer toolbar', async () => {
+    const { requests, editor, fetch } = setup();
+    const host = new EventTarget() as EventTarget & { contains: (node: unknown) => boolean };
+    host.contains = () => false;
+    (editor as unknown as { host: typeof host }).host = host;
+    const listed = fetch(AUTOMATIC);
+    await tick(30);
+    requests[0].chunk('foo');
+    await listed;
+    const blur = (relatedTarget: unknown) =>
+      host.dispatchEvent(Object.assign(new Event('focusout'), { relatedTarget }));
+    blur({ closest: (selector: string) => (selector === '.jp-InlineCompleter' ? {} : null) });
+    expect(requests[0].cancelled).toBe(false);
+    blur(null); // another cell, another window
+    expect(requests[0].cancelled).toBe(true);
+  });
+
   it('keeps a suggestion the user is typing along instead of asking again', async () => {
     const { requests, editorModel, fetch } = setup();
     const listed = fetch(AUTOMATIC);
