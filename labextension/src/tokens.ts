@@ -36,6 +36,12 @@ export interface ICodeLlamaClient {
   /** Requests in flight (streamed and REST), for the status bar's busy state. */
   readonly activeRequests: number;
   readonly activityChanged: ISignal<ICodeLlamaClient, number>;
+  /**
+   * Why the last streamed request failed, or null when it did not: typing-time failures show no
+   * error on the ghost text, so the status bar says it (a notebook over the server's limits, say).
+   * Set before `activityChanged` reports the request's end.
+   */
+  readonly lastFailure: string | null;
   refreshStatus(): Promise<IServerStatus>;
   /** Stream a completion over the tab's websocket; `onChunk` gets each delta and the text so far. */
   stream(

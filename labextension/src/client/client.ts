@@ -67,6 +67,10 @@ export class CodeLlamaClient implements ICodeLlamaClient {
     return this._activityChanged;
   }
 
+  get lastFailure(): string | null {
+    return this._lastFailure;
+  }
+
   get isDisposed(): boolean {
     return this._disposed;
   }
@@ -138,10 +142,12 @@ export class CodeLlamaClient implements ICodeLlamaClient {
           onChunk?.(delta, textSoFar);
         },
         onDone: message => {
+          this._lastFailure = null;
           settle();
           resolve(message);
         },
         onError: message => {
+          this._lastFailure = message;
           settle();
           reject(new Error(message));
         }
@@ -269,6 +275,7 @@ export class CodeLlamaClient implements ICodeLlamaClient {
     this._activityChanged.emit(this._active);
   }
 
+  private _lastFailure: string | null = null;
   private readonly _settings: ServerConnection.ISettings;
   private readonly _now: () => number;
   private readonly _pending = new PendingRequests();

@@ -2,7 +2,7 @@
 
 import type { IServerStatus } from '../client/protocol';
 
-export type DisplayState = 'connecting' | 'loading' | 'ready' | 'busy' | 'off' | 'error';
+export type DisplayState = 'connecting' | 'loading' | 'ready' | 'busy' | 'off' | 'failed' | 'error';
 
 export interface IStatusDisplay {
   state: DisplayState;
@@ -18,7 +18,8 @@ export interface IStatusDisplay {
 export function describeStatus(
   status: IServerStatus | null,
   activeRequests: number,
-  completionsOn = true
+  completionsOn = true,
+  lastFailure: string | null = null
 ): IStatusDisplay {
   if (!status) {
     return {
@@ -55,6 +56,13 @@ export function describeStatus(
         .join(', ')
     : '';
   const busy = activeRequests > 0;
+  if (!busy && lastFailure && completionsOn) {
+    return {
+      state: 'failed',
+      label: `${name}: request failed`,
+      title: `The last suggestion failed: ${lastFailure}. The next one that succeeds clears this.`
+    };
+  }
   const state: DisplayState = busy ? 'busy' : completionsOn ? 'ready' : 'off';
   const off = completionsOn
     ? ''

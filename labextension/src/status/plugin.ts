@@ -56,7 +56,8 @@ class ModelStatusItem extends Widget {
     const display = describeStatus(
       this._client.status,
       this._shownBusy ? this._client.activeRequests || 1 : 0,
-      this._completionsOn
+      this._completionsOn,
+      this._client.lastFailure
     );
     this.node.textContent = display.label;
     this.node.title = display.title;

@@ -124,6 +124,18 @@ describe('CodeLlamaClient.stream', () => {
     FakeSocket.instances[0].open();
     FakeSocket.instances[0].receive({ type: 'error', id: stream.id, message: 'bad offset' });
     await expect(stream.done).rejects.toThrow('bad offset');
+    expect(client.lastFailure).toBe('bad offset'); // for the status bar: typing shows no error
+    const next = client.stream({ prefix: 'x', suffix: '' });
+    FakeSocket.instances[0].receive({
+      type: 'done',
+      id: next.id,
+      text: '',
+      choices: [],
+      usage: {},
+      timings: {}
+    });
+    await next.done;
+    expect(client.lastFailure).toBeNull();
   });
 
   it('fails requests in flight when the socket closes, and reconnects on the next request', async () => {

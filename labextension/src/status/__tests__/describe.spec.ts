@@ -41,6 +41,17 @@ describe('describeStatus', () => {
     expect(describeStatus({ state: 'ready', model, error: null }, 1, false).state).toBe('busy');
   });
 
+  it('says when the last suggestion failed, though the model is ready', () => {
+    const failed = describeStatus(
+      { state: 'ready', model, error: null },
+      0,
+      true,
+      'the notebook has 2,400,000 characters of text; the limit is 2,000,000'
+    );
+    expect(failed).toMatchObject({ state: 'failed', label: 'CodeLlama-7b: request failed' });
+    expect(failed.title).toContain('the limit is 2,000,000');
+  });
+
   it('says when the weights are held as int8', () => {
     const int8 = describeStatus(
       { state: 'ready', model: { ...model, quant: 'int8' }, error: null },
