@@ -268,6 +268,7 @@ class FaultyServer(http.server.ThreadingHTTPServer):
         # (llama.cpp's `error:` event), "listing" (models as a JSON list), "ollama" (tagged names)
         self.fault = fault
         self.posts = 0
+        self.bodies: list[dict] = []
         self.release = threading.Event()
         super().__init__(("127.0.0.1", 0), FaultyHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -311,7 +312,7 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
         self.reply(200, {"object": "list", "data": [{"id": name, "object": "model"}]})
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
         self.server.posts += 1
         fault = self.server.fault
         if fault == "busy":
@@ -407,6 +408,20 @@ def test_failures_inside_or_before_the_stream_are_errors_not_empty_answers(fault
         with pytest.raises(ModelError, match=message):
             list(stream)
         assert server.posts == 1  # a refused key is not asked again
+    finally:
+        server.close()
+
+
+def test_an_infilling_request_asks_for_the_end_of_infill_token_as_text() -> None:
+    """vLLM drops special tokens' text by default, and HF's tokenizer counts ▁<EOT> as one."""
+    server = FaultyServer("silent")
+    try:
+        _, stream, _ = engine_stream(server)
+        with pytest.raises(ModelError):
+            list(stream)
+        [body] = server.bodies
+        assert body["prompt"].startswith("<PRE> <SUF>") and body["skip_special_tokens"] is False
+        assert body["stop"][:2] == [" <EOT>", "<EOT>"]
     finally:
         server.close()
 
