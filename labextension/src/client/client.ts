@@ -142,7 +142,9 @@ export class CodeLlamaClient implements ICodeLlamaClient {
           onChunk?.(delta, textSoFar);
         },
         onDone: message => {
-          this._lastFailure = null;
+          if (message.cancelled !== true) {
+            this._lastFailure = null; // only an answer shows the failure is over
+          }
           settle();
           resolve(message);
         },

@@ -39,6 +39,8 @@ function joinText(text: unknown): string {
  */
 export const MAX_OUTPUTS_PER_CELL = 10;
 
+const BARE_REPR = /^<[^\n]*>$/;
+
 function clip(text: string): string {
   return text.length > MAX_OUTPUT_CHARS ? `${headOf(text, MAX_OUTPUT_CHARS)}\n...` : text;
 }
@@ -66,7 +68,8 @@ export function outputsForContext(outputs: readonly unknown[]): IOutputPayload[]
       case 'display_data': {
         const data = (o.data ?? {}) as Record<string, unknown>;
         const plain = joinText(data['text/plain']);
-        if (plain) {
+        // "<Figure size 640x480 with 1 Axes>": the server drops such reprs, so they take no place here.
+        if (plain && !BARE_REPR.test(plain.trim())) {
           kept.push({
             output_type: o.output_type,
             data: { 'text/plain': clip(plain) }

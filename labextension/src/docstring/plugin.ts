@@ -51,9 +51,12 @@ export const docstringPlugin: JupyterFrontEndPlugin<void> = {
       return cell && cell.model.type === 'code' ? cell : null;
     };
     const isBusy = (cell: Cell | null) => !!cell && busyCells.has(cell.model.id);
-    /** A read-only notebook or a cell marked not editable is the user saying "do not change this". */
-    const isEditable = (cell: Cell) =>
-      !cell.readOnly && !(tracker.currentWidget?.content.model?.readOnly ?? false);
+    /**
+     * A read-only notebook or a cell marked not editable is the user saying "do not change this".
+     * `notebook`: the cell's own, which stays the one to ask after the user switched tabs.
+     */
+    const isEditable = (cell: Cell, notebook = tracker.currentWidget?.content) =>
+      !cell.readOnly && !(notebook?.model?.readOnly ?? false);
     const refresh = () => app.commands.notifyCommandChanged(id);
 
     const generate = async (cell: Cell) => {
@@ -99,7 +102,7 @@ export const docstringPlugin: JupyterFrontEndPlugin<void> = {
         Notification.info(plan.reason, { autoClose: 4000 });
         return;
       }
-      if (!isEditable(cell)) {
+      if (!isEditable(cell, notebook)) {
         throw new Error('The cell became read-only while the docstring was being written.');
       }
       if (cell.model.sharedModel.getSource() !== source) {

@@ -87,10 +87,10 @@ export function oneLine(message: string): string {
 }
 
 /** Finish reasons that end an answer where the model had not: the code may stop mid-statement. */
-const CUT_OFF_WORDS: Record<string, string> = {
-  length: 'cut off at the token limit',
-  deadline: "cut off at the server's time limit"
-};
+const CUT_OFF_WORDS = new Map([
+  ['length', 'cut off at the token limit'],
+  ['deadline', "cut off at the server's time limit"]
+]);
 
 const STATE_WORDS: Record<AnswerState, string> = {
   streaming: 'writing…',
@@ -117,7 +117,7 @@ export function describeAnswer(answer: IAnswer, stopRequested = false): IAnswerV
     answer.model,
     `${answer.tokens} token${answer.tokens === 1 ? '' : 's'}`,
     `${answer.tokensPerSecond.toFixed(1)} tokens/s`,
-    (state === 'done' && CUT_OFF_WORDS[answer.finishReason]) || STATE_WORDS[state]
+    (state === 'done' && CUT_OFF_WORDS.get(answer.finishReason)) || STATE_WORDS[state]
   ].filter(part => part.length > 0);
 
   let editBlocked = '';

@@ -28,6 +28,10 @@ class ModelStatusItem extends Widget {
   }
 
   /** Whether typing can bring suggestions; the item says "completions off" when it cannot. */
+  get completionsOn(): boolean {
+    return this._completionsOn;
+  }
+
   set completionsOn(value: boolean) {
     this._completionsOn = value;
     this._render();
@@ -41,7 +45,9 @@ class ModelStatusItem extends Widget {
   private _onActivity(): void {
     const busy = this._client.activeRequests > 0;
     window.clearTimeout(this._pending);
-    if (busy !== this._shownBusy) {
+    if (busy === this._shownBusy) {
+      this._render(); // a request that ended quickly may still have failed (or cleared a failure)
+    } else {
       this._pending = window.setTimeout(
         () => {
           this._shownBusy = busy;

@@ -75,6 +75,17 @@ describe('notebookRequest', () => {
     expect(kept).toHaveLength(MAX_OUTPUTS_PER_CELL);
     expect(kept[0]).toEqual({ output_type: 'display_data', data: { 'text/plain': 'frame 0' } });
   });
+
+  it('counts no bare reprs against that bound: the server drops them', () => {
+    const plots = Array.from({ length: 12 }, () => ({
+      output_type: 'display_data',
+      data: { 'text/plain': '<Figure size 640x480 with 1 Axes>' }
+    }));
+    const traceback = { output_type: 'error', ename: 'ValueError', evalue: 'bad shape' };
+    expect(outputsForContext([...plots, traceback])).toEqual([
+      { output_type: 'error', ename: 'ValueError', evalue: 'bad shape' }
+    ]);
+  });
 });
 
 describe('prefixSuffixRequest', () => {

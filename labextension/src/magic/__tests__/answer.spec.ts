@@ -145,6 +145,8 @@ describe('describeAnswer', () => {
       "cut off at the server's time limit"
     );
     expect(describeAnswer(answer({ done: true, finish_reason: 'end' })).status).toMatch(/· done$/);
+    const odd = describeAnswer(answer({ done: true, finish_reason: 'constructor' }));
+    expect(odd.status).toMatch(/· done$/); // a word from the data, not the lookup's prototype
   });
 
   it('shows an error as one line and blocks the edits', () => {
