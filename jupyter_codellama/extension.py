@@ -224,7 +224,8 @@ class CodeLlamaExtension(ExtensionApp):
         base = app.base_url if app.base_url.endswith("/") else app.base_url + "/"
         os.environ[URL_ENV] = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{app.port}{base}"
         if app.certfile:
-            os.environ[CAFILE_ENV] = app.certfile  # the kernels trust what the server presents
+            # The kernels trust what the server presents; they run in the notebook's folder.
+            os.environ[CAFILE_ENV] = os.path.abspath(os.path.expanduser(app.certfile))
         else:
             os.environ.pop(CAFILE_ENV, None)
 

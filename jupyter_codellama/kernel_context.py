@@ -22,6 +22,9 @@ PREVIEW_CHARS = 40  # of a string's value, or of a dict key
 SKIP_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit"})
 # How IPython rewrites a line magic, a shell command or a help request as Python.
 IPYTHON_CALL = "get_ipython()."
+# More history than any window holds (100,000 tokens of code): older cells are not read at all.
+MAX_HISTORY_CHARS = 400_000
+ANNOTATION_CHARS = 30
 
 
 @dataclass(frozen=True)
@@ -48,17 +51,23 @@ def clean_history(raw_cells: Iterable[str]) -> list[str]:
     # IPython's own reading of a cell: a "%" or "!" that continues a statement (`x = (a\n    % 2)`)
     # is Python, not a magic, which a test of each line's first character would drop.
     transformer = TransformerManager()
-    cells: list[str] = []
-    for raw in raw_cells:
+    newest_first: list[str] = []
+    seen: set[str] = set()
+    size = 0
+    # Newest first, so a long session's oldest cells cost nothing once the window is full.
+    for raw in reversed(list(raw_cells)):
+        if size > MAX_HISTORY_CHARS:
+            break
         if raw.lstrip().startswith("%%"):
             continue
         python = transformer.transform_cell(raw)
         lines = [line for line in python.splitlines() if IPYTHON_CALL not in line]
         code = "\n".join(lines).strip("\n")
-        if code.strip():
-            cells.append(code)
-    latest = {code: index for index, code in enumerate(cells)}
-    return [code for index, code in enumerate(cells) if latest[code] == index]
+        if code.strip() and code not in seen:  # a cell run again counts where it last ran
+            seen.add(code)
+            newest_first.append(code)
+            size += len(code)
+    return newest_first[::-1]
 
 
 def describe_namespace(namespace: Mapping[str, Any], hidden: Mapping[str, Any] | None = None) -> list[str]:
@@ -152,9 +161,10 @@ def signature(function: Any) -> str:
     """The parameters, with defaults only where they are small literals: `str(inspect.signature)`
     would repr every default, however large (a 30-million-item list took seconds)."""
     try:
-        parameters = inspect.signature(function).parameters.values()
+        signature_of = inspect.signature(function)
     except (TypeError, ValueError):
         return "(…)"
+    parameters = list(signature_of.parameters.values())
     parts: list[str] = []
     starred = False
     for parameter in parameters:
@@ -168,9 +178,37 @@ def signature(function: Any) -> str:
         if parameter.kind is parameter.KEYWORD_ONLY and not starred:
             parts.append("*")
             starred = True
-        default = "" if parameter.default is parameter.empty else f"={small_literal(parameter.default)}"
-        parts.append(parameter.name + default)
-    return cap(f"({', '.join(parts)})", 120)
+        annotation = (
+            "" if parameter.annotation is parameter.empty else f": {annotation_text(parameter.annotation)}"
+        )
+        equals = " = " if annotation else "="  # as PEP 8 writes them
+        default = (
+            "" if parameter.default is parameter.empty else f"{equals}{small_literal(parameter.default)}"
+        )
+        parts.append(parameter.name + annotation + default)
+        if (
+            parameter.kind is parameter.POSITIONAL_ONLY
+            and next_kind(parameters, parameter) != parameter.POSITIONAL_ONLY
+        ):
+            parts.append("/")
+    returns = (
+        ""
+        if signature_of.return_annotation is signature_of.empty
+        else f" -> {annotation_text(signature_of.return_annotation)}"
+    )
+    return cap(f"({', '.join(parts)}){returns}", 120)
+
+
+def annotation_text(annotation: Any) -> str:
+    # Under `from __future__ import annotations` they are strings already, to show without quotes.
+    text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+    return cap(text, ANNOTATION_CHARS)
+
+
+def next_kind(parameters: list[inspect.Parameter], parameter: inspect.Parameter) -> Any:
+    """The kind of the parameter after this one, or None at the end."""
+    index = parameters.index(parameter)
+    return parameters[index + 1].kind if index + 1 < len(parameters) else None
 
 
 def small_literal(value: Any) -> str:

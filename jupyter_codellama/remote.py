@@ -156,6 +156,7 @@ class OpenAIEngine:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.streaming = False  # a completion is streaming from the server right now
+        self.vllm = False  # the model list says vLLM serves it (`owned_by`)
         self._prober = threading.Thread(target=self._probe_loop, name="codellama-remote-probe", daemon=True)
 
     @classmethod
@@ -185,10 +186,11 @@ class OpenAIEngine:
             # The text of ▁<EOT> is " <EOT>": listed first, a server that stops on the first match
             # in list order (vLLM) drops its space too.
             stops = [" <EOT>", "<EOT>"]
-            # Hugging Face's Code Llama tokenizer counts ▁<EOT> as a special token, whose text vLLM
-            # leaves out by default: the stop strings would never match, and the middle would run on
-            # past its end. Other servers ignore the field.
-            extra["skip_special_tokens"] = False
+            if self.vllm:
+                # Hugging Face's Code Llama tokenizer counts ▁<EOT> as a special token, whose text
+                # vLLM leaves out by default: the stop strings would never match, and the middle
+                # would run on past its end. Only to vLLM: a strict server refuses unknown fields.
+                extra["skip_special_tokens"] = False
         else:
             prompt = prefix
         body: dict[str, Any] = {
@@ -239,6 +241,7 @@ class OpenAIEngine:
                     f"{self.display_url} does not serve {wanted!r}; it serves {', '.join(ids[:8])}"
                 )
             entry = next((m for m in models if m["id"] == wanted), {})
+            self.vllm = entry.get("owned_by") == "vllm"
             # vLLM's window. llama.cpp lists only the training context, which its -c may be below.
             reported = entry.get("max_model_len")
             self.name = wanted
@@ -528,17 +531,17 @@ class RemoteStream:
             if self._stopped():
                 return None
             try:
+                read_timeout = engine.config.read_timeout  # the deadline is the watcher's: see `_watch`
                 opened = engine.open(
-                    # The deadline is the watcher's to enforce: a socket timeout means a silent server.
-                    "POST",
-                    "/v1/completions",
-                    self.body,
-                    engine.config.read_timeout,
-                    on_connect=self._attach,
+                    "POST", "/v1/completions", self.body, read_timeout, on_connect=self._attach
                 )
             except RemoteUnavailable as exc:
                 if self._stopped():
-                    return None  # the cancel or the deadline shut the connection: not the server's fault
+                    # The cancel or the deadline shut the connection: not the server's fault. But a
+                    # server that let a whole request pass without answering deserves a look now.
+                    if not self.cancel.is_set():
+                        engine.reset()
+                    return None
                 last = attempt == attempts - 1 or isinstance(exc, KeyRefused)
                 wait = min(0.25 * 2**attempt, 2.0)
                 if last or (self.deadline is not None and time.monotonic() + wait > self.deadline):

@@ -172,6 +172,7 @@ class ModelService:
                 kept = [job for job in waiting if job is None or not job.cancel.is_set()]
                 waiting.clear()
                 waiting.extend(kept)
+                # Queue.join() is never used here, so its count of unfinished tasks may stay high.
                 self._queue.not_full.notify(len(dropped))
         for job in dropped:
             job.emit(cancelled_message(job))

@@ -71,6 +71,10 @@ class Exploding:
         raise RuntimeError("lazy backend not connected")
 
 
+def typed(frame: int, /, *, by: float = 1.5) -> dict:
+    return {}
+
+
 def test_namespace_summary_reads_attributes_not_reprs():
     import json as json_module
 
@@ -84,6 +88,7 @@ def test_namespace_summary_reads_attributes_not_reprs():
         "json": json_module,
         "scale": lambda x, factor=2: x * factor,
         "load": lambda path, rows=list(range(10**6)), *, sep=",": None,
+        "typed": typed,
         "broken": Exploding(),
         "_private": 1,
         "In": [],
@@ -94,6 +99,7 @@ def test_namespace_summary_reads_attributes_not_reprs():
     assert "matrix: Huge shape (1000000000, 4), dtype float64" in summary
     assert "json: module json" in summary and "scale: function(x, factor=2)" in summary
     assert "load: function(path, rows=…, *, sep=',')" in summary  # a default's repr is never taken whole
+    assert "typed: function(frame: int, /, *, by: float = 1.5) -> dict" in summary
     assert "config: dict of 2 items; keys: 'alpha', 'beta'" in summary
     assert "rows: list of 3 items of int | str" in summary and "broken: test_magic.Exploding" in summary
     assert "int of 16610 bits" in summary and "_private" not in summary and "In:" not in summary

@@ -268,6 +268,7 @@ class FaultyServer(http.server.ThreadingHTTPServer):
         self.fault = fault
         self.posts = 0
         self.bodies: list[dict] = []
+        self.owner = "faulty-org"  # the model list's `owned_by`
         self.release = threading.Event()
         super().__init__(("127.0.0.1", 0), FaultyHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -308,7 +309,9 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
             self.reply(200, [{"id": "faulty"}])  # type: ignore[arg-type]
             return
         name = "codellama:latest" if fault == "ollama" else "faulty"
-        self.reply(200, {"object": "list", "data": [{"id": name, "object": "model"}]})
+        self.reply(
+            200, {"object": "list", "data": [{"id": name, "object": "model", "owned_by": self.server.owner}]}
+        )
 
     def do_POST(self) -> None:
         self.server.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
@@ -406,21 +409,24 @@ def test_failures_inside_or_before_the_stream_are_errors_not_empty_answers(fault
         _, stream, _ = engine_stream(server, retries=2)
         with pytest.raises(ModelError, match=message):
             list(stream)
-        assert server.posts == 1  # a refused key is not asked again
+        assert server.posts == 1  # an answer that failed is not asked again, nor a refused key
     finally:
         server.close()
 
 
-def test_an_infilling_request_asks_for_the_end_of_infill_token_as_text() -> None:
+@pytest.mark.parametrize("owner", ["vllm", "llamacpp"])
+def test_an_infilling_request_asks_vllm_for_the_end_of_infill_token_as_text(owner: str) -> None:
     """vLLM drops special tokens' text by default, and HF's tokenizer counts ▁<EOT> as one."""
     server = FaultyServer("silent")
+    server.owner = owner
     try:
         _, stream, _ = engine_stream(server)
         with pytest.raises(ModelError):
             list(stream)
         [body] = server.bodies
-        assert body["prompt"].startswith("<PRE> <SUF>") and body["skip_special_tokens"] is False
-        assert body["stop"][:2] == [" <EOT>", "<EOT>"]
+        assert body["prompt"].startswith("<PRE> <SUF>") and body["stop"][:2] == [" <EOT>", "<EOT>"]
+        # Only vLLM knows the field; a strict server would refuse it.
+        assert body.get("skip_special_tokens", "absent") is (False if owner == "vllm" else "absent")
     finally:
         server.close()
 

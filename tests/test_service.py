@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from traitlets import TraitError
@@ -147,7 +148,7 @@ class HeldStream(ScriptedStream):
         super().__init__(["x"], "end")
         self.release = release
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         self.release.wait(60)
         return iter(self.deltas)
 
