@@ -65,6 +65,12 @@ def heal_tail(tokenizer: Tokenizer, ids: list[int], segment_start: int) -> tuple
     if text is None:
         # Part of a multi-byte character: no piece restarts from there, so leave the prompt alone.
         return ids, ""
+    from .generate import healing_index  # generate builds on prompts: imported when first needed
+
+    if healing_index(tokenizer).candidates(text) == [ids[-1]]:
+        # Only the cut piece can type it again (a line break, a byte piece): healing would change
+        # nothing but the layout, and in PSM move the piece after ▁<MID>, where training never had it.
+        return ids, ""
     return ids[:-1], text
 
 

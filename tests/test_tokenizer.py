@@ -68,6 +68,19 @@ def test_healing_backs_up_indentation_to_a_token_boundary(codellama_tokenizer_fi
     assert completion_prompt(tokenizer, "x").heal == ""  # the dummy-space piece is never cut
 
 
+@pytest.mark.parametrize("suffix_first", [False, True])
+def test_a_piece_only_itself_can_retype_is_not_healed(codellama_tokenizer_file, suffix_first):
+    """A prefix ending in a line break (every HumanEval line task): healing would force the same
+    piece back, and in PSM put it after ▁<MID>, a layout training never shows the model."""
+    tokenizer = Tokenizer(codellama_tokenizer_file)
+    prefix, suffix = "def f(x):\n    y = x + 1\n", "\n    return y\n"
+    healed = infilling_prompt(tokenizer, prefix, suffix, suffix_first)
+    assert (
+        healed.heal == ""
+        and healed.ids == infilling_prompt(tokenizer, prefix, suffix, suffix_first, heal=False).ids
+    )
+
+
 def test_bad_tokenizer_files_raise_clear_errors(tmp_path):
     with pytest.raises(ModelError, match="not found"):
         Tokenizer(tmp_path / "missing.model")
