@@ -180,17 +180,12 @@ class OpenAIEngine:
     ) -> RemoteStream:
         prefix, cut = heal_whitespace(prefix)
         stops = ["<EOT>"]
-        extra: dict[str, Any] = {}
-        if infill and self.supports_infilling:
+        infilling = infill and self.supports_infilling
+        if infilling:
             prompt = fim_prompt(prefix, suffix, "psm" if self.config.fim == "psm" else "spm")
             # The text of ▁<EOT> is " <EOT>": listed first, a server that stops on the first match
             # in list order (vLLM) drops its space too.
             stops = [" <EOT>", "<EOT>"]
-            if self.vllm:
-                # Hugging Face's Code Llama tokenizer counts ▁<EOT> as a special token, whose text
-                # vLLM leaves out by default: the stop strings would never match, and the middle
-                # would run on past its end. Only to vLLM: a strict server refuses unknown fields.
-                extra["skip_special_tokens"] = False
         else:
             prompt = prefix
         body: dict[str, Any] = {
@@ -201,8 +196,12 @@ class OpenAIEngine:
             "stop": stops + [s for s in params.stop if s not in stops],
             "stream": True,
             "stream_options": {"include_usage": True},
-            **extra,
         }
+        if infilling and self.vllm:
+            # Hugging Face's Code Llama tokenizer counts ▁<EOT> as a special token, whose text vLLM
+            # leaves out by default: the stop strings would never match, and the middle would run
+            # on past its end. Only to vLLM: a strict server refuses unknown fields.
+            body["skip_special_tokens"] = False
         if params.top_p < 1:
             body["top_p"] = params.top_p  # 1 is every server's default, and TGI refuses it
         if params.seed is not None:
