@@ -125,28 +125,15 @@ describe('CodeLlamaClient.stream', () => {
     FakeSocket.instances[0].receive({ type: 'error', id: stream.id, message: 'bad offset' });
     await expect(stream.done).rejects.toThrow('bad offset');
     expect(client.lastFailure).toBe('bad offset'); // for the status bar: typing shows no error
-    const stopped = client.stream({ prefix: 'x', suffix: '' });
-    FakeSocket.instances[0].receive({
-      type: 'done',
-      id: stopped.id,
-      text: '',
-      choices: [],
-      usage: {},
-      timings: {},
-      cancelled: true
-    });
-    await stopped.done;
+    const answered = async (cancelled: boolean) => {
+      const request = client.stream({ prefix: 'x', suffix: '' });
+      const done = { type: 'done', id: request.id, text: '', choices: [], usage: {}, timings: {} };
+      FakeSocket.instances[0].receive({ ...done, cancelled });
+      await request.done;
+    };
+    await answered(true);
     expect(client.lastFailure).toBe('bad offset'); // a cancelled request proves nothing
-    const next = client.stream({ prefix: 'x', suffix: '' });
-    FakeSocket.instances[0].receive({
-      type: 'done',
-      id: next.id,
-      text: '',
-      choices: [],
-      usage: {},
-      timings: {}
-    });
-    await next.done;
+    await answered(false);
     expect(client.lastFailure).toBeNull();
   });
 
