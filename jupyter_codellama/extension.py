@@ -8,7 +8,7 @@ import secrets
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Int, TraitError, Unicode, default, validate
 
-from kernel_model.codellama import QUANT_CHOICES, quant_setting
+from kernel_model.codellama import QUANT_CHOICES
 
 from .client import CAFILE_ENV, KEY_ENV, MODEL_ENV, URL_ENV
 from .handlers import handlers
@@ -187,7 +187,7 @@ class CodeLlamaExtension(ExtensionApp):
             model=self.model,
             device=self.device,
             dtype=self.dtype,
-            quant=quant_setting(self.quant or "auto"),
+            quant=self.quant or "auto",
             compile=self.compile,
             max_context_tokens=self.max_context_tokens,
             request_timeout=self.request_timeout,

@@ -42,7 +42,7 @@ class ServiceConfig:
     model: str = "embedded"
     device: str = "auto"
     dtype: str = "auto"
-    quant: str | None = "auto"  # 'int8'; None: every matrix in dtype; 'auto': as load_model decides
+    quant: str | None = "auto"  # load_model's: 'int8'; 'none' or None: every matrix in dtype; 'auto'
     compile: bool = False  # torch.compile the decode step while loading
     max_context_tokens: int = 4096  # the prompt budget: more context, slower first token
     request_timeout: float = 30.0  # seconds from arrival to the end of generation

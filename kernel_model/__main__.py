@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import bench, evaluation, fim, gguf, vocab
 from .checkpoint import make_test_checkpoint
-from .codellama import QUANT_CHOICES, QUANT_HELP, load_model, quant_setting
+from .codellama import QUANT_CHOICES, QUANT_HELP, load_model
 from .errors import ModelError
 
 
@@ -85,12 +85,12 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    model = load_model(args.model, args.device, args.dtype, quant=quant_setting(args.quant))
+    model = load_model(args.model, args.device, args.dtype, quant=args.quant)
     print(json.dumps(model.info(), indent=2))
 
 
 def run_complete(args: argparse.Namespace) -> None:
-    model = load_model(args.model, args.device, args.dtype, quant=quant_setting(args.quant))
+    model = load_model(args.model, args.device, args.dtype, quant=args.quant)
     stream = model.stream_complete(
         args.prompt, args.max_new_tokens, args.temperature, args.top_p, seed=args.seed
     )
@@ -98,7 +98,7 @@ def run_complete(args: argparse.Namespace) -> None:
 
 
 def run_infill(args: argparse.Namespace) -> None:
-    model = load_model(args.model, args.device, args.dtype, quant=quant_setting(args.quant))
+    model = load_model(args.model, args.device, args.dtype, quant=args.quant)
     stream = model.stream_infill(
         args.prefix,
         args.suffix,

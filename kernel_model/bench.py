@@ -31,7 +31,6 @@ from .codellama import (
     QUANT_HELP,
     CodeLlama,
     load_model,
-    quant_setting,
     resolve_device,
     resolve_dtype,
 )
@@ -188,15 +187,14 @@ def find_tokenizer(args: argparse.Namespace, vocab_size: int) -> Tokenizer | Syn
 
 def build_engine(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, max_context: int):
     """(CodeLlama, ModelArgs) for --model or --shape, with the requested fast paths applied."""
-    quant = quant_setting(args.quant)
     options = {"compile": args.compile, "fast": not args.plain, "warmup": True}
     if args.model is not None:
-        engine = load_model(args.model, device, dtype, max_context=max_context, quant=quant, **options)
+        engine = load_model(args.model, device, dtype, max_context=max_context, quant=args.quant, **options)
         return engine, engine.model.args
     shape = shape_args(args, max_context)
     model = random_transformer(shape, device, dtype, args.seed)
     tokenizer = find_tokenizer(args, shape.vocab_size)
-    quant = None if quant == "auto" else quant  # random weights are not stored as int8
+    quant = "int8" if args.quant == "int8" else None  # random weights are not stored as int8
     engine = CodeLlama(model, tokenizer, name=f"random-{args.shape}", layout="random", quant=quant, **options)
     return engine, shape
 

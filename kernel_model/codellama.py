@@ -113,7 +113,8 @@ def load_model(
     tokenizer = Tokenizer(folder / "tokenizer.model")
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
-    quant = quant_setting(quant) if quant is not None else None
+    if quant == "none":  # as command lines and settings spell None
+        quant = None
     if quant == "auto":  # the plain path (fast=False) has no kernels: it would convert every matrix
         int8_here = fast and resolved_device.type == "cpu" and decode_kernels.cpu_reads_int8()
         quant = "int8" if int8_here and stores_int8(folder) else None
@@ -131,11 +132,6 @@ def load_model(
         model, tokenizer, name=name, layout=layout,
         fast=fast, quant=quant, compile=compile, graphs=graphs, warmup=warmup,
     )  # fmt: skip
-
-
-def quant_setting(word: str) -> str | None:
-    """load_model's `quant` for one of QUANT_CHOICES: "none" is None."""
-    return None if word == "none" else word
 
 
 def check_quantization(quant: str | None) -> None:

@@ -362,8 +362,6 @@ def run_humaneval_infill(
 
 
 def _cmd_humaneval_infill(args: argparse.Namespace) -> int:
-    from .codellama import quant_setting  # the engine's, loaded only when a command runs
-
     try:
         summary = run_humaneval_infill(
             args.model,
@@ -377,7 +375,7 @@ def _cmd_humaneval_infill(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             output=args.output,
-            quant=quant_setting(args.quant),
+            quant=args.quant,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

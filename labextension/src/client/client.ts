@@ -17,15 +17,14 @@ import {
 
 const API_PATH = 'codellama';
 
-/** Status polling: fast while the model loads so "ready" shows promptly, slow once settled. */
-const STATUS_POLL_LOADING_MS = 2000;
-/** After an error: soon enough that "ready" returns within seconds of the server (or model) recovering. */
-const STATUS_POLL_ERROR_MS = 5000;
-const STATUS_POLL_SETTLED_MS = 30000;
+/**
+ * How soon to ask for the status again after each state: soon while the model loads, so "ready"
+ * shows promptly; soon after an error, so "ready" returns within seconds of a recovery; seldom once settled.
+ */
 const STATUS_POLL_MS: Record<IServerStatus['state'], number> = {
-  loading: STATUS_POLL_LOADING_MS,
-  error: STATUS_POLL_ERROR_MS,
-  ready: STATUS_POLL_SETTLED_MS
+  loading: 2000,
+  error: 5000,
+  ready: 30000
 };
 
 /**
@@ -267,7 +266,7 @@ export class CodeLlamaClient implements ICodeLlamaClient {
       }
       const status = await this.refreshStatus();
       if (!this._disposed) {
-        this._scheduleStatusPoll(STATUS_POLL_MS[status.state] ?? STATUS_POLL_SETTLED_MS);
+        this._scheduleStatusPoll(STATUS_POLL_MS[status.state]);
       }
     }, delay);
   }

@@ -2,6 +2,19 @@
 
 import type { CodeEditor } from '@jupyterlab/codeeditor';
 import type { ICompletionProviderManager, IInlineCompletionItem } from '@jupyterlab/completer';
+import type { ReadonlyPartialJSONObject } from '@lumino/coreutils';
+
+/** JupyterLab's inline completer settings: which inline providers are enabled. */
+export const INLINE_COMPLETER_PLUGIN = '@jupyterlab/completer-extension:inline-completer';
+
+/** Each inline provider's switch, by provider id, as those settings hold them. */
+export type InlineProviderSwitches = Record<string, { enabled?: boolean } | undefined>;
+
+export function inlineProviderSwitches(
+  composite: ReadonlyPartialJSONObject
+): InlineProviderSwitches {
+  return (composite.providers ?? {}) as InlineProviderSwitches;
+}
 
 /**
  * The public inline-completer API can accept all, cycle and tell whether ghost

@@ -8,16 +8,18 @@ import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { ICodeLlamaClient, PLUGIN_PREFIX } from '../tokens';
 import { blankLineTrigger } from './blankline';
 import { addPartialAcceptCommands } from './commands';
-import { showsSuggestion } from './completer';
+import {
+  INLINE_COMPLETER_PLUGIN,
+  inlineProviderSwitches,
+  InlineProviderSwitches,
+  showsSuggestion
+} from './completer';
 import { CodeLlamaInlineProvider, PROVIDER_ID } from './provider';
 import {
   DEFAULT_COMPLETION_SETTINGS,
   ICompletionSettings,
   readCompletionSettings
 } from './settings';
-
-/** JupyterLab's inline completer settings: which inline providers are enabled. */
-const INLINE_COMPLETER_PLUGIN = '@jupyterlab/completer-extension:inline-completer';
 
 export const completionsPlugin: JupyterFrontEndPlugin<void> = {
   id: `${PLUGIN_PREFIX}:completions`,
@@ -44,7 +46,7 @@ export const completionsPlugin: JupyterFrontEndPlugin<void> = {
     // JupyterLab asks inline providers only at the end of a line with text; on the blank line that
     // Enter opens we ask ourselves, as an invoke the provider answers like typing. An invoke asks
     // every enabled inline provider, so only while ours is the one enabled.
-    let inlineProviders: Record<string, { enabled?: boolean } | undefined> = {};
+    let inlineProviders: InlineProviderSwitches = {};
     const onlyOursEnabled = () =>
       inlineProviders[PROVIDER_ID]?.enabled !== false &&
       !Object.entries(inlineProviders).some(([id, p]) => id !== PROVIDER_ID && p?.enabled === true);
@@ -83,7 +85,7 @@ export const completionsPlugin: JupyterFrontEndPlugin<void> = {
       ?.load(INLINE_COMPLETER_PLUGIN)
       .then(loaded => {
         const apply = () => {
-          inlineProviders = (loaded.composite.providers ?? {}) as typeof inlineProviders;
+          inlineProviders = inlineProviderSwitches(loaded.composite);
         };
         apply();
         loaded.changed.connect(apply);

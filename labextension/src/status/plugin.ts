@@ -4,7 +4,10 @@ import type { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/applica
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { Widget } from '@lumino/widgets';
+import { INLINE_COMPLETER_PLUGIN, inlineProviderSwitches } from '../completions/completer';
+import { completionsPlugin } from '../completions/plugin';
 import { PROVIDER_ID } from '../completions/provider';
+import { readCompletionSettings } from '../completions/settings';
 import { CommandIds, ICodeLlamaClient, PLUGIN_PREFIX } from '../tokens';
 import { describeStatus } from './describe';
 
@@ -12,8 +15,6 @@ import { describeStatus } from './describe';
 const BUSY_AFTER_MS = 400;
 /** Nor does the gap between one request and the next. */
 const READY_AFTER_MS = 300;
-const COMPLETIONS_PLUGIN = `${PLUGIN_PREFIX}:completions`;
-const INLINE_COMPLETER_PLUGIN = '@jupyterlab/completer-extension:inline-completer';
 
 class ModelStatusItem extends Widget {
   constructor(client: ICodeLlamaClient, onClick: () => void) {
@@ -28,11 +29,7 @@ class ModelStatusItem extends Widget {
   }
 
   /** Whether typing can bring suggestions; the item says "completions off" when it cannot. */
-  get completionsOn(): boolean {
-    return this._completionsOn;
-  }
-
-  set completionsOn(value: boolean) {
+  showCompletionsOn(value: boolean): void {
     this._completionsOn = value;
     this._render();
   }
@@ -80,12 +77,12 @@ class ModelStatusItem extends Widget {
 function watchCompletionSwitches(registry: ISettingRegistry, item: ModelStatusItem): void {
   let ours = true;
   let provider = true;
-  const update = () => (item.completionsOn = ours && provider);
+  const update = () => item.showCompletionsOn(ours && provider);
   registry
-    .load(COMPLETIONS_PLUGIN)
+    .load(completionsPlugin.id)
     .then(settings => {
       const read = () => {
-        ours = settings.composite.enabled !== false;
+        ours = readCompletionSettings(settings.composite).enabled;
         update();
       };
       read();
@@ -96,11 +93,7 @@ function watchCompletionSwitches(registry: ISettingRegistry, item: ModelStatusIt
     .load(INLINE_COMPLETER_PLUGIN)
     .then(settings => {
       const read = () => {
-        const providers = (settings.composite.providers ?? {}) as Record<
-          string,
-          { enabled?: boolean } | undefined
-        >;
-        provider = providers[PROVIDER_ID]?.enabled !== false;
+        provider = inlineProviderSwitches(settings.composite)[PROVIDER_ID]?.enabled !== false;
         update();
       };
       read();
