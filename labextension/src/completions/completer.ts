@@ -3,6 +3,7 @@
 import type { CodeEditor } from '@jupyterlab/codeeditor';
 import type { ICompletionProviderManager, IInlineCompletionItem } from '@jupyterlab/completer';
 import type { ReadonlyPartialJSONObject } from '@lumino/coreutils';
+import type { ISignal } from '@lumino/signaling';
 
 /** JupyterLab's inline completer settings: which inline providers are enabled. */
 export const INLINE_COMPLETER_PLUGIN = '@jupyterlab/completer-extension:inline-completer';
@@ -24,6 +25,7 @@ export function inlineProviderSwitches(
 export interface IInlineCompleterView {
   current: IInlineCompletionItem | null;
   editor: CodeEditor.IEditor | null | undefined;
+  model?: { suggestionsChanged?: ISignal<unknown, { event: string }> } | null;
 }
 
 export function completerOf(
@@ -52,4 +54,30 @@ export function showsSuggestion(manager: ICompletionProviderManager, widgetId: s
   }
   const completer = completerOf(manager, widgetId);
   return completer === null || completer.current != null;
+}
+
+/**
+ * Calls `dropped` whenever the widget's inline completer drops what it shows: Escape, a cursor
+ * move or click away, a selection, an accept. JupyterLab does not tell the provider, and keeps
+ * reading a stream it no longer shows to its end. Returns what stops the calls; does nothing
+ * where the completer cannot be read.
+ */
+export function onSuggestionDropped(
+  manager: ICompletionProviderManager,
+  widgetId: string,
+  dropped: () => void
+): () => void {
+  const signal = completerOf(manager, widgetId)?.model?.suggestionsChanged;
+  if (!signal?.connect) {
+    return () => undefined;
+  }
+  const slot = (_sender: unknown, change: { event: string }) => {
+    if (change.event === 'clear') {
+      dropped();
+    }
+  };
+  signal.connect(slot);
+  return () => {
+    signal.disconnect(slot);
+  };
 }

@@ -12,6 +12,7 @@ import {
   INLINE_COMPLETER_PLUGIN,
   inlineProviderSwitches,
   InlineProviderSwitches,
+  onSuggestionDropped,
   showsSuggestion
 } from './completer';
 import { CodeLlamaInlineProvider, PROVIDER_ID } from './provider';
@@ -38,7 +39,8 @@ export const completionsPlugin: JupyterFrontEndPlugin<void> = {
     const provider = new CodeLlamaInlineProvider({
       client,
       settings: () => settings,
-      isShown: widgetId => showsSuggestion(manager, widgetId)
+      isShown: widgetId => showsSuggestion(manager, widgetId),
+      onDropped: (widgetId, dropped) => onSuggestionDropped(manager, widgetId, dropped)
     });
     // Registered during activation: JupyterLab builds the inline-completer settings from providers known once the app is restored.
     manager.registerInlineProvider(provider);

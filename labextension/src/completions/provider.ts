@@ -81,6 +81,7 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     this._client = options.client;
     this._settings = options.settings;
     this._isShown = options.isShown;
+    this._onDropped = options.onDropped ?? (() => () => undefined);
   }
 
   /**
@@ -138,6 +139,10 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     state.suggestion = suggestion;
     this._latest = suggestion;
     stopWhenLeft(suggestion, target.editor);
+    // Dismissed on screen (Escape, the cursor moved away): the server's one worker is wanted for the
+    // next request, not for text nobody will see.
+    const unwatch = this._onDropped(context.widget.id, () => suggestion.cancel());
+    void suggestion.settled().then(unwatch);
     this._remember(context.widget, { suggestion, editor: target.editor });
     // Only the first candidate streams; the others arrive whole at the end. Listed before then,
     // they would cycle through as blanks that Tab accepts as nothing.
@@ -283,6 +288,7 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
   private readonly _client: ICodeLlamaClient;
   private readonly _settings: () => ICompletionSettings;
   private readonly _isShown: (widgetId: string) => boolean;
+  private readonly _onDropped: NonNullable<CodeLlamaInlineProvider.IOptions['onDropped']>;
   private readonly _editors = new WeakMap<object, IEditorState>();
   private readonly _listed = new Map<string, IListedSuggestion>();
   private _latest: LiveSuggestion | null = null;
@@ -297,5 +303,10 @@ export namespace CodeLlamaInlineProvider {
     settings: () => ICompletionSettings;
     /** Whether JupyterLab shows ghost text in the widget with this id now. */
     isShown: (widgetId: string) => boolean;
+    /**
+     * Calls `dropped` whenever the widget with this id stops showing its ghost text; returns what
+     * stops the calls.
+     */
+    onDropped?: (widgetId: string, dropped: () => void) => () => void;
   }
 }

@@ -85,10 +85,17 @@ function setup(overrides: Partial<ICompletionSettings> = {}, shown = true) {
   (completionTarget as jest.Mock).mockReturnValue(target);
   const { client, requests } = fakeClient();
   const settings = { ...DEFAULT_COMPLETION_SETTINGS, debounceMs: 20, ...overrides };
+  /** JupyterLab's inline completer drops its ghost text (Escape, a cursor move). */
+  const dropped = new Signal<unknown, string>({});
   const provider = new CodeLlamaInlineProvider({
     client,
     settings: () => settings,
-    isShown: () => shown
+    isShown: () => shown,
+    onDropped: (widgetId, onDrop) => {
+      const slot = (_: unknown, id: string) => id === widgetId && onDrop();
+      dropped.connect(slot);
+      return () => dropped.disconnect(slot);
+    }
   });
   const widget: any = { id: 'nb-1' };
   widget.disposed = new Signal(widget);
@@ -107,7 +114,8 @@ function setup(overrides: Partial<ICompletionSettings> = {}, shown = true) {
     return fetchFrom(other.editorModel);
   };
   const fetch = fetchFrom(editorModel);
-  return { provider, requests, editorModel, editor, fetch, moveToAnotherEditor };
+  const drop = (widgetId = widget.id) => dropped.emit(widgetId);
+  return { provider, requests, editorModel, editor, fetch, moveToAnotherEditor, drop };
 }
 
 const tick = (ms = 0) => new Promise(resolve => setTimeout(resolve, ms));
@@ -229,6 +237,29 @@ describe('CodeLlamaInlineProvider', () => {
     expect(requests[0].cancelled).toBe(false);
     blur(null); // another cell, another window
     expect(requests[0].cancelled).toBe(true);
+  });
+
+  it('stops generating once its ghost text is dismissed, and only its own widget counts', async () => {
+    const { requests, fetch, drop } = setup();
+    const listed = fetch(AUTOMATIC);
+    await tick(30);
+    requests[0].chunk('foo');
+    await listed;
+    drop('another-notebook');
+    expect(requests[0].cancelled).toBe(false);
+    drop(); // Escape
+    expect(requests[0].cancelled).toBe(true);
+  });
+
+  it('stops watching for dismissal once generation has ended', async () => {
+    const { requests, fetch, drop } = setup();
+    const listed = fetch(AUTOMATIC);
+    await tick(30);
+    requests[0].done('foo');
+    await listed;
+    await tick();
+    drop(); // accepting a whole suggestion clears it too: nothing is left to stop
+    expect(requests[0].cancelled).toBe(false);
   });
 
   it('keeps a suggestion the user is typing along instead of asking again', async () => {
