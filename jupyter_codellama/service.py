@@ -21,7 +21,7 @@ from typing import Any
 from kernel_model import ModelError, SamplingParams
 
 from .context import MAX_CHARS_PER_TOKEN, FimContext, build_context, plain_context
-from .engines import Engine, LocalEngine
+from .engines import Engine, LocalEngine, StreamStats
 from .postprocess import StreamTrimmer, trim_completion, was_cut_off
 from .protocol import CompletionRequest
 from .remote import OpenAIEngine, RemoteConfig
@@ -48,7 +48,7 @@ class ServiceConfig:
     request_timeout: float = 30.0  # seconds from arrival to the end of generation
     queue_size: int = 16
     prefix_share: float = 0.75
-    include_outputs: bool = False
+    include_outputs: bool = True  # the browser's setting decides what it sends
     backend: str = "local"  # 'local' (kernel_model here) or 'openai' (a server, configured by `remote`)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
 
@@ -180,7 +180,7 @@ class ModelService:
 
     def prompt_window(self) -> int:
         assert self.engine is not None
-        return min(self.config.max_context_tokens, self.engine.max_context)
+        return window_tokens(self.config, self.engine)
 
     # -- on the worker thread ---------------------------------------------------------------------
 
@@ -236,11 +236,7 @@ class ModelService:
     def _run(self, job: Job) -> None:
         engine = self.engine
         assert engine is not None
-        # The completion gets at most half the window, so a ceiling set above a small model's window
-        # shortens answers rather than refusing every request.
-        request = replace(
-            job.request, max_new_tokens=min(job.request.max_new_tokens, self.prompt_window() // 2)
-        )
+        request = fit_to_window(job.request, self.prompt_window())
         started = time.monotonic()
         queue_ms = (started - job.enqueued) * 1000
         timings = {"queue_ms": round(queue_ms, 1), "prefill_ms": 0.0, "decode_ms": 0.0}
@@ -248,32 +244,18 @@ class ModelService:
         if job.cancel.is_set():
             job.emit(cancelled_message(job))
             return
-        context = self._context(request)
+        context = request_context(request, engine, self.config, self.prompt_window())
         deadline = job.enqueued + self.config.request_timeout
         if time.monotonic() > deadline:  # the queue and the context took all the time: skip the prefill
             job.emit({**final_message("", [], usage, timings), "finish_reason": "deadline"})
             return
-        trimmer = StreamTrimmer(mode=request.mode, prefix=context.prefix, suffix=context.suffix)
-        params = SamplingParams(
-            request.max_new_tokens, request.temperature, request.top_p, request.seed, request.stop, deadline
-        )
-        stream = engine.stream(
-            context.prefix, context.suffix, infill=request.infill, params=params, cancel=job.cancel
-        )
+        first = TrimmedStream(engine, request, context, job.cancel, deadline)
         shown: list[str] = []
-        try:
-            for visible in trimmer.feed(until_stopped(stream, job, deadline)):
-                shown.append(visible)
-                job.emit({"type": "chunk", "text": visible})
-        finally:
-            stream.close()  # also on a failure: a suspended generation would hold the model's lock
-        # Read before `finish`, which always fixes a stop point.
-        reason = "mode" if trimmer.done else stop_reason(job, deadline, stream.stats.finish_reason)
-        tail = trimmer.finish(truncated=was_cut_off(stream.stats.finish_reason))
-        if tail:
-            shown.append(tail)
-            job.emit({"type": "chunk", "text": tail})
-        stats = [stream.stats]
+        for visible in first:
+            shown.append(visible)
+            job.emit({"type": "chunk", "text": visible})
+        reason = first.reason
+        stats = [first.stats]
         choices = ["".join(shown)]
         for index in range(1, request.n):
             if job.cancel.is_set() or time.monotonic() > deadline:
@@ -289,7 +271,7 @@ class ModelService:
             extra = engine.stream(context.prefix, context.suffix, infill=request.infill, params=extra_params,
                                   cancel=job.cancel)  # fmt: skip
             try:
-                raw = "".join(until_stopped(extra, job, deadline))
+                raw = "".join(until_stopped(extra, job.cancel, deadline))
             finally:
                 extra.close()
             text = trim_completion(raw, mode=request.mode, prefix=context.prefix, suffix=context.suffix,
@@ -309,53 +291,110 @@ class ModelService:
         message["finish_reason"] = reason
         job.emit(message)
 
-    def _context(self, request: CompletionRequest) -> FimContext:
-        engine = self.engine
-        assert engine is not None
-        budget = self.prompt_window() - request.max_new_tokens - PROMPT_MARGIN_TOKENS
-        if budget < 16:
+
+def window_tokens(config: ServiceConfig, engine: Engine) -> int:
+    """The tokens a prompt and its completion share: the configured budget, within the model's window."""
+    return min(config.max_context_tokens, engine.max_context)
+
+
+def fit_to_window(request: CompletionRequest, window: int) -> CompletionRequest:
+    """The request with its completion given at most half the window, so that a ceiling set above a
+    small model's window shortens answers rather than refusing every request."""
+    return replace(request, max_new_tokens=min(request.max_new_tokens, window // 2))
+
+
+def request_context(
+    request: CompletionRequest, engine: Engine, config: ServiceConfig, window: int
+) -> FimContext:
+    """The prefix and suffix the model sees for a request (already fitted to the window)."""
+    budget = window - request.max_new_tokens - PROMPT_MARGIN_TOKENS
+    if budget < 16:
+        raise ModelError(
+            f"max_new_tokens {request.max_new_tokens} leaves no room for context in a {window}-token window"
+        )
+    count = engine.count_tokens
+    share = config.prefix_share
+    if not request.infill:
+        # A whole prompt (e.g. an Instruct chat) cannot lose its beginning: refuse rather than cut.
+        if len(request.prefix) > budget * MAX_CHARS_PER_TOKEN:  # cannot fit: not worth tokenizing
             raise ModelError(
-                f"max_new_tokens {request.max_new_tokens} leaves no room for context in a "
-                f"{self.prompt_window()}-token window"
+                f"the prompt has {len(request.prefix):,} characters; this server's window leaves "
+                f"room for {budget} tokens"
             )
-        count = engine.count_tokens
-        share = self.config.prefix_share
-        if not request.infill:
-            # A whole prompt (e.g. an Instruct chat) cannot lose its beginning: refuse rather than cut.
-            if len(request.prefix) > budget * MAX_CHARS_PER_TOKEN:  # cannot fit: not worth tokenizing
-                raise ModelError(
-                    f"the prompt has {len(request.prefix):,} characters; this server's window leaves "
-                    f"room for {budget} tokens"
-                )
-            used = count(request.prefix)
-            if used > budget:
-                raise ModelError(
-                    f"the prompt has {used} tokens; this server's window leaves room for {budget}"
-                )
-            return FimContext(request.prefix, "", 0, 0, truncated=False)
-        if request.cells is None:
-            return plain_context(request.prefix, request.suffix, count_tokens=count, budget_tokens=budget,
-                                 prefix_share=share)  # fmt: skip
-        return build_context(
-            request.cells, request.cell, request.offset, count_tokens=count, budget_tokens=budget,
-            prefix_share=share, include_outputs=self.config.include_outputs,
-        )  # fmt: skip
+        used = count(request.prefix)
+        if used > budget:
+            raise ModelError(f"the prompt has {used} tokens; this server's window leaves room for {budget}")
+        return FimContext(request.prefix, "", 0, 0, truncated=False)
+    if request.cells is None:
+        return plain_context(request.prefix, request.suffix, count_tokens=count, budget_tokens=budget,
+                             prefix_share=share)  # fmt: skip
+    return build_context(
+        request.cells, request.cell, request.offset, count_tokens=count, budget_tokens=budget,
+        prefix_share=share, include_outputs=config.include_outputs,
+    )  # fmt: skip
 
 
-def until_stopped(stream: Iterator[str], job: Job, deadline: float) -> Iterator[str]:
-    """The stream's deltas until the job is cancelled or its deadline passes, whatever the engine does."""
+class TrimmedStream:
+    """A request's first choice as its client sees it: the engine's deltas cut to the request's mode
+    as they arrive.
+
+    Iterating yields each piece to show, the tail the trimmer settles at the end included, and closes
+    the engine's stream however the iteration ends; then `stats` and `reason` say how it went.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        request: CompletionRequest,
+        context: FimContext,
+        cancel: threading.Event,
+        deadline: float,
+    ) -> None:
+        self._engine = engine
+        self._request = request
+        self._context = context
+        self._cancel = cancel
+        self._deadline = deadline
+        self.stats = StreamStats()
+        self.reason = ""  # as the final message's finish_reason
+
+    def __iter__(self) -> Iterator[str]:
+        request, context, deadline = self._request, self._context, self._deadline
+        trimmer = StreamTrimmer(mode=request.mode, prefix=context.prefix, suffix=context.suffix)
+        params = SamplingParams(
+            request.max_new_tokens, request.temperature, request.top_p, request.seed, request.stop, deadline
+        )
+        stream = self._engine.stream(
+            context.prefix, context.suffix, infill=request.infill, params=params, cancel=self._cancel
+        )
+        try:
+            yield from trimmer.feed(until_stopped(stream, self._cancel, deadline))
+        finally:
+            stream.close()  # also on a failure: a suspended generation would hold the model's lock
+        self.stats = stream.stats
+        # Read before `finish`, which always fixes a stop point.
+        self.reason = (
+            "mode" if trimmer.done else stop_reason(self._cancel, deadline, self.stats.finish_reason)
+        )
+        tail = trimmer.finish(truncated=was_cut_off(self.stats.finish_reason))
+        if tail:
+            yield tail
+
+
+def until_stopped(stream: Iterator[str], cancel: threading.Event, deadline: float) -> Iterator[str]:
+    """The stream's deltas until the request is cancelled or its deadline passes, whatever the engine does."""
     for delta in stream:
         yield delta
-        if job.cancel.is_set() or time.monotonic() > deadline:
+        if cancel.is_set() or time.monotonic() > deadline:
             return
 
 
-def stop_reason(job: Job, deadline: float, engine_reason: str) -> str:
+def stop_reason(cancel: threading.Event, deadline: float, engine_reason: str) -> str:
     """Why a generation that the line/block rule did not end stopped: `until_stopped` leaves the
     engine saying only "closed" when the service cut it short."""
     if engine_reason != "closed":
         return engine_reason
-    if job.cancel.is_set():
+    if cancel.is_set():
         return "cancelled"
     return "deadline" if time.monotonic() > deadline else engine_reason
 
