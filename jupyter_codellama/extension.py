@@ -95,7 +95,11 @@ class CodeLlamaExtension(ExtensionApp):
     prefix_share = Float(0.75, help="Share of the prompt budget given to the text before the cursor.").tag(
         config=True
     )
-    include_outputs = Bool(False, help="Show cell outputs to the model as comments.").tag(config=True)
+    include_outputs = Bool(
+        True,
+        help="Show the cell outputs a browser sends (its setting 'Send cell outputs as context') to the "
+        "model as comments; false ignores them.",
+    ).tag(config=True)
     max_message_bytes = Int(
         4 << 20,
         help="Largest request accepted, in bytes of JSON (a notebook's text is most of it); larger ones "
