@@ -71,6 +71,9 @@ _LINE_MAGIC = re.compile(r"^([ \t]*)([%!].*)$")  # %magic, !shell
 _HELP_LINE = re.compile(r"^([ \t]*)(\?{1,2}[\w.]+|[\w.]+\?{1,2})[ \t]*$")  # ?obj, obj??
 _BARE_REPR = re.compile(r"^<[^\n]*>$")  # "<Figure size 432x288 with 1 Axes>": says nothing useful
 _IDENTIFIER = re.compile(r"(?<![\w.])[A-Za-z_]\w*")  # attribute names (after a dot) are not references
+# A string's opening quote, with its prefix (r"...", f'''...'''), or a comment's "#".
+_STRING_OR_COMMENT = re.compile(r"""(?:(?<!\w)(?P<prefix>[rRbBuUfF]{1,2}))?(?P<quote>'''|\"\"\"|'|")|#""")
+_FSTRING_FIELD = re.compile(r"\{([^{}]*)\}")
 _SIMPLE_STRING = re.compile(r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'|\"[^\"\\\n]*(?:\\.[^\"\\\n]*)*\"")
 _TOP_LEVEL_START = re.compile(r"[A-Za-z_@]")
 _CLAUSE = re.compile(r"(?:else|elif|except|finally)\b")
@@ -732,7 +735,38 @@ def _def_by_pattern(lines: Sequence[str], start: int, end: int) -> _Unit | None:
 
 
 def _references(text: str) -> frozenset[str]:
-    return frozenset(_IDENTIFIER.findall(text))
+    """Names the code in `text` reads. Words in comments and strings are prose ("number of
+    components"), and a name there would pull in the definition of a variable nobody uses."""
+    return frozenset(_IDENTIFIER.findall(_code_only(text)))
+
+
+def _code_only(text: str) -> str:
+    """`text` without its comments and the insides of its strings, but with the replacement fields of
+    its f-strings (`f"{df.shape}"` reads `df`). Forgiving: an unclosed string ends at its line's end
+    (a triple-quoted one at the text's end), as in code still being typed."""
+    kept: list[str] = []
+    pos = 0
+    while match := _STRING_OR_COMMENT.search(text, pos):
+        kept.append(text[pos : match.start()])
+        quote = match.group("quote")
+        if quote is None:  # a comment
+            end = text.find("\n", match.end())
+            pos = len(text) if end < 0 else end
+            continue
+        end = match.end()
+        while end < len(text) and not text.startswith(quote, end):
+            if text[end] == "\\":
+                end += 1
+            elif text[end] == "\n" and len(quote) == 1:
+                break
+            end += 1
+        if "f" in (match.group("prefix") or "").lower():
+            body = text[match.end() : end].replace("{{", "").replace("}}", "")
+            kept.extend(f" {field} " for field in _FSTRING_FIELD.findall(body))
+        kept.append(" ")
+        pos = min(len(text), end + len(quote) if text.startswith(quote, end) else end)
+    kept.append(text[pos:])
+    return "".join(kept)
 
 
 # ---------------------------------------------------------------------------------------------
