@@ -73,7 +73,6 @@ _BARE_REPR = re.compile(r"^<[^\n]*>$")  # "<Figure size 432x288 with 1 Axes>": s
 _IDENTIFIER = re.compile(r"(?<![\w.])[A-Za-z_]\w*")  # attribute names (after a dot) are not references
 # A string's opening quote, with its prefix (r"...", f'''...'''), or a comment's "#".
 _STRING_OR_COMMENT = re.compile(r"""(?:(?<!\w)(?P<prefix>[rRbBuUfF]{1,2}))?(?P<quote>'''|\"\"\"|'|")|#""")
-_FSTRING_FIELD = re.compile(r"\{([^{}]*)\}")
 _SIMPLE_STRING = re.compile(r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'|\"[^\"\\\n]*(?:\\.[^\"\\\n]*)*\"")
 _TOP_LEVEL_START = re.compile(r"[A-Za-z_@]")
 _CLAUSE = re.compile(r"(?:else|elif|except|finally)\b")
@@ -741,32 +740,46 @@ def _references(text: str) -> frozenset[str]:
 
 
 def _code_only(text: str) -> str:
-    """`text` without its comments and the insides of its strings, but with the replacement fields of
-    its f-strings (`f"{df.shape}"` reads `df`). Forgiving: an unclosed string ends at its line's end
-    (a triple-quoted one at the text's end), as in code still being typed."""
+    """`text` without its comments and the insides of its strings, but with the names its f-strings'
+    replacement fields read (`f"{df.shape}"` reads `df`).
+
+    Line by line: the text is often cut from a cell at any line, so a triple quote at the top may close
+    a string rather than open one, and nothing read from one line may decide how the next is read.
+    A string still open at a line's end ends there, as in code still being typed.
+    """
+    return "\n".join(_code_of_line(line) for line in text.split("\n"))
+
+
+def _code_of_line(line: str) -> str:
     kept: list[str] = []
     pos = 0
-    while match := _STRING_OR_COMMENT.search(text, pos):
-        kept.append(text[pos : match.start()])
+    while match := _STRING_OR_COMMENT.search(line, pos):
+        kept.append(line[pos : match.start()])
         quote = match.group("quote")
-        if quote is None:  # a comment
-            end = text.find("\n", match.end())
-            pos = len(text) if end < 0 else end
-            continue
+        if quote is None:  # a comment: the rest of the line
+            return "".join(kept)
         end = match.end()
-        while end < len(text) and not text.startswith(quote, end):
-            if text[end] == "\\":
-                end += 1
-            elif text[end] == "\n" and len(quote) == 1:
-                break
-            end += 1
-        if "f" in (match.group("prefix") or "").lower():
-            body = text[match.end() : end].replace("{{", "").replace("}}", "")
-            kept.extend(f" {field} " for field in _FSTRING_FIELD.findall(body))
+        while end < len(line) and not line.startswith(quote, end):
+            end += 2 if line[end] == "\\" else 1
+        closed = line.startswith(quote, end)
+        if closed and "f" in (match.group("prefix") or "").lower():
+            kept.append(" ".join(("", *_fstring_names(line[match.start() : end + len(quote)]), "")))
         kept.append(" ")
-        pos = min(len(text), end + len(quote) if text.startswith(quote, end) else end)
-    kept.append(text[pos:])
+        pos = min(len(line), end + len(quote)) if closed else len(line)
+    kept.append(line[pos:])
     return "".join(kept)
+
+
+def _fstring_names(literal: str) -> list[str]:
+    """The names an f-string literal's replacement fields read, format specs' fields included; none if
+    it does not parse."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)  # invalid escapes in the literal
+            tree = ast.parse(literal, mode="eval")
+    except (SyntaxError, ValueError):
+        return []
+    return sorted({node.id for node in ast.walk(tree) if isinstance(node, ast.Name)})
 
 
 # ---------------------------------------------------------------------------------------------

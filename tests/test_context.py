@@ -507,14 +507,26 @@ def test_a_name_rebound_below_the_cursor_is_not_fetched_from_above() -> None:
 
 def test_words_in_strings_and_comments_are_not_uses_but_f_string_fields_are() -> None:
     cells = [
-        Cell("code", "components = pca.transform(noisy)\ndensity = kde(x)\nshape = (3, 4)\nlabel = 'fit'"),
+        Cell("code", "components = pca.transform(noisy)\ndensity = kde(x)\nshape = (3, 4)\nlabel = 'fit'\n"
+                     "width = 8\nrow = {}"),
         *filler(30),
-        Cell("code", "# the probability density\nplt.xlabel('number of components')\ntitle = f'{label}: {{shape}}'\n"),
+        Cell("code", "# the probability density\nplt.xlabel('number of components')\n"
+                     "title = f'{label}: {{shape}} {row[\"components\"]:>{width}}'\n"),
     ]  # fmt: skip
     ctx = context(cells, len(cells) - 1, len(cells[-1].source), 300)
     header = ctx.prefix.split("\n\n# %% [markdown]")[0]
-    assert "label = 'fit'" in header
+    assert "label = 'fit'" in header and "width = 8" in header and "row = {}" in header
     assert "components =" not in header and "density =" not in header and "shape =" not in header
+
+
+def test_a_window_cut_inside_a_docstring_still_reads_the_code_after_it() -> None:
+    # The kept text starts inside the docstring: its closing quotes must not open a string that hides
+    # the code below.
+    docstring = "".join(f"    Detail {i} about the summary that is written here.\n" for i in range(40))
+    active = f'def report(data):\n    """Summarise.\n{docstring}    """\n    cleaned = scrub(data)\n    return cleaned\n'
+    cells = [Cell("code", "def scrub(d):\n    return d.dropna()"), *filler(30), Cell("code", active)]
+    ctx = context(cells, len(cells) - 1, len(active), 300)
+    assert "Summarise" not in ctx.prefix and "def scrub(d):" in ctx.prefix
 
 
 def test_a_long_assignment_is_not_carried_but_hides_older_bindings() -> None:
