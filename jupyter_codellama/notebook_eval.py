@@ -82,7 +82,8 @@ class Task:
 
 
 def eligible_lines(source: str) -> list[int]:
-    """Indices of the lines of a code cell worth masking: Python statements, not comments or magics."""
+    """Indices of the lines of a code cell worth masking: lines of Python (continuation lines and
+    docstring text included), not comment lines or magics. A truth keeps its trailing comment."""
     lines = source.split("\n")
     if lines[0].startswith("%%"):
         words = lines[0][2:].split()
@@ -272,6 +273,19 @@ def notebook_paths(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
+def load_cells(path: Path) -> list[dict[str, Any]]:
+    """A notebook's cells, checked as the server checks what a browser sends, so that a notebook it
+    would refuse stops the run before the model loads rather than in the middle."""
+    try:
+        cells = json.loads(path.read_text(encoding="utf-8")).get("cells")
+        if not isinstance(cells, list):
+            raise ValueError("no list of cells (nbformat 4 is needed)")
+        parse_completion({"notebook": {"cells": cells}, "cell": 0, "offset": 0}, Limits())
+    except (ValueError, AttributeError, ProtocolError) as exc:  # JSON errors are ValueErrors
+        raise ValueError(f"{path}: {exc}") from None
+    return cells
+
+
 def complete(
     engine: Engine, config: ServiceConfig, body: dict[str, Any], settings: EvalSettings
 ) -> dict[str, Any]:
@@ -316,7 +330,7 @@ def run_notebook_eval(
     started = time.monotonic()
     notebooks = []
     for path in notebook_paths(paths):
-        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        cells = load_cells(path)
         tasks = notebook_tasks(
             path.stem, cells, settings.kinds, settings.every, settings.seed, settings.limit
         )
@@ -387,6 +401,13 @@ def run_notebook_eval(
     }
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -407,11 +428,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=server.dtype)
     p.add_argument("--contexts", type=_names, default=defaults.contexts, help="of " + ",".join(STRATEGIES))
     p.add_argument("--tasks", type=_names, default=defaults.kinds, help="of " + ",".join(KINDS))
-    p.add_argument("--every", type=int, default=defaults.every, help="mask every K-th eligible line")
-    p.add_argument("--limit", type=int, default=None, help="at most N masked lines per notebook")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="where sampling starts, rest-task cursors")
+    p.add_argument("--every", type=_positive, default=defaults.every, help="mask every K-th eligible line")
+    p.add_argument("--limit", type=_positive, default=None, help="at most N masked lines per notebook")
+    p.add_argument(
+        "--seed", type=int, default=defaults.seed, help="picks the lines and the rest-task cursors"
+    )
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--max-context-tokens", type=int, default=server.max_context_tokens)
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=server.request_timeout,
+        help="seconds a request may take, as the server's setting (a slow model ends with 'deadline')",
+    )
     p.add_argument("--mode", choices=MODES, default=defaults.mode, help="the request's multi-line policy")
     p.add_argument(
         "--include-outputs",
@@ -431,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=args.dtype,
         quant=args.quant,
         max_context_tokens=args.max_context_tokens,
+        request_timeout=args.request_timeout,
         include_outputs=args.include_outputs,
     )
     settings = EvalSettings(args.mode, args.max_new_tokens, args.contexts, args.tasks, args.every, args.limit,

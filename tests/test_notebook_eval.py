@@ -130,3 +130,21 @@ def test_the_command_runs_on_a_small_notebook(tmp_path: Path, capsys: pytest.Cap
         assert cell < above < notebook  # the markdown above, then the cell below, add to the prompt
         assert by_strategy[task_id, "cell"]["cells_in_prefix"] == 1
         assert by_strategy[task_id, "notebook"]["cells_in_suffix"] == 1
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("{not json", "Expecting property name"),
+        ('{"worksheets": []}', "no list of cells"),
+        ('{"cells": []}', "no cells"),
+        ('{"cells": [{"cell_type": "heading", "source": "x"}]}', "heading"),
+    ],
+)
+def test_a_notebook_the_server_would_refuse_stops_the_run_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, reason: str
+) -> None:
+    (tmp_path / "bad.ipynb").write_text(content)
+    assert main([str(tmp_path), "--model", str(tmp_path / "no-such-model")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {tmp_path / 'bad.ipynb'}: ") and reason in error
