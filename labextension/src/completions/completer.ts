@@ -57,8 +57,8 @@ export function showsSuggestion(manager: ICompletionProviderManager, widgetId: s
 }
 
 /**
- * Calls `dropped` whenever the widget's inline completer drops what it shows: Escape, a cursor
- * move or click away, a selection, an accept. JupyterLab does not tell the provider, and keeps
+ * Calls `dropped` whenever the widget's inline completer drops what it shows: the cursor moved to
+ * another line or back before the request's column, a click away, a selection, an accept. JupyterLab does not tell the provider, and keeps
  * reading a stream it no longer shows to its end. Returns what stops the calls; does nothing
  * where the completer cannot be read.
  */

@@ -139,8 +139,8 @@ export class CodeLlamaInlineProvider implements IInlineCompletionProvider {
     state.suggestion = suggestion;
     this._latest = suggestion;
     stopWhenLeft(suggestion, target.editor);
-    // Dismissed on screen (Escape, the cursor moved away): the server's one worker is wanted for the
-    // next request, not for text nobody will see.
+    // Dismissed on screen (the cursor moved away, a click elsewhere): the server's one worker is wanted
+    // for the next request, not for text nobody will see.
     const unwatch = this._onDropped(context.widget.id, () => suggestion.cancel());
     void suggestion.settled().then(unwatch);
     this._remember(context.widget, { suggestion, editor: target.editor });

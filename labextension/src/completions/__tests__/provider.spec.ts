@@ -247,7 +247,7 @@ describe('CodeLlamaInlineProvider', () => {
     await listed;
     drop('another-notebook');
     expect(requests[0].cancelled).toBe(false);
-    drop(); // Escape
+    drop(); // the cursor moved to another line
     expect(requests[0].cancelled).toBe(true);
   });
 
