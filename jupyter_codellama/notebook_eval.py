@@ -291,10 +291,9 @@ def complete(
 ) -> dict[str, Any]:
     """One completion request through the server's path; its first choice and what it cost."""
     message = {**body, "max_new_tokens": settings.max_new_tokens, "temperature": 0.0, "mode": settings.mode}
-    window = window_tokens(config, engine)
-    request = fit_to_window(parse_completion(message, Limits()), window)
+    request = fit_to_window(parse_completion(message, Limits()), window_tokens(config, engine))
     started = time.monotonic()
-    context = request_context(request, engine, config, window)
+    context = request_context(request, engine, config)
     engine.reset()  # a cold prefix cache: the result must not depend on the request before
     stream = TrimmedStream(engine, request, context, threading.Event(), started + config.request_timeout)
     text = "".join(stream)

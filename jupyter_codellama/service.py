@@ -244,7 +244,7 @@ class ModelService:
         if job.cancel.is_set():
             job.emit(cancelled_message(job))
             return
-        context = request_context(request, engine, self.config, self.prompt_window())
+        context = request_context(request, engine, self.config)
         deadline = job.enqueued + self.config.request_timeout
         if time.monotonic() > deadline:  # the queue and the context took all the time: skip the prefill
             job.emit({**final_message("", [], usage, timings), "finish_reason": "deadline"})
@@ -303,10 +303,9 @@ def fit_to_window(request: CompletionRequest, window: int) -> CompletionRequest:
     return replace(request, max_new_tokens=min(request.max_new_tokens, window // 2))
 
 
-def request_context(
-    request: CompletionRequest, engine: Engine, config: ServiceConfig, window: int
-) -> FimContext:
+def request_context(request: CompletionRequest, engine: Engine, config: ServiceConfig) -> FimContext:
     """The prefix and suffix the model sees for a request (already fitted to the window)."""
+    window = window_tokens(config, engine)
     budget = window - request.max_new_tokens - PROMPT_MARGIN_TOKENS
     if budget < 16:
         raise ModelError(
